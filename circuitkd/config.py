@@ -1,0 +1,150 @@
+"""Frozen configuration dataclasses, saved as JSON beside every result (the nanoGPT habit)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+from circuitkd.errors import CircuitKDError
+
+BACKBONES = ("native", "bert", "vit")
+
+# Size presets. The student keeps the teacher's width and head count so that the
+# "initialise from teacher" fix (every other layer, as DistilBERT did) applies.
+_PRESETS: dict[str, dict[str, Any]] = {
+    "teacher": dict(backbone="native", n_layers=4, d_model=128, n_heads=4),
+    "assistant": dict(backbone="native", n_layers=3, d_model=128, n_heads=4),
+    "student": dict(backbone="native", n_layers=2, d_model=128, n_heads=4),
+    "tiny": dict(backbone="native", n_layers=1, d_model=32, n_heads=2),
+    "bert-teacher": dict(backbone="bert", n_layers=4, d_model=128, n_heads=4),
+    "bert-student": dict(backbone="bert", n_layers=2, d_model=128, n_heads=4),
+    "vit-teacher": dict(backbone="vit", n_layers=4, d_model=64, n_heads=4),
+    "vit-student": dict(backbone="vit", n_layers=2, d_model=64, n_heads=4),
+}
+
+
+def _from_dict(cls, data: dict[str, Any]):
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise CircuitKDError(f"unknown {cls.__name__} field(s) {unknown}; known: {sorted(known)}")
+    return cls(**data)
+
+
+class _Jsonable:
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[arg-type]
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        return _from_dict(cls, dict(data))
+
+    @classmethod
+    def from_json(cls, path_or_text: str | Path):
+        p = Path(path_or_text) if not str(path_or_text).lstrip().startswith("{") else None
+        if p is not None and not p.exists():
+            raise CircuitKDError(f"config file not found: {p}")
+        return cls.from_dict(json.loads(p.read_text() if p is not None else str(path_or_text)))
+
+
+@dataclass(frozen=True)
+class ModelSpec(_Jsonable):
+    """What model to build.
+
+    ``backbone``: "native" (TransformerLens-native encoder, default for text), "bert"
+    (HF ``BertForSequenceClassification``) or "vit" (HF ``ViTForImageClassification``).
+    ``n_classes``, ``d_vocab`` and ``n_ctx`` are filled from the task when left None.
+    ``pretrained``: a hub name or local folder for HF backbones (weights loaded, sizes read from it).
+    ``causal``: build a causal (decoder) native model whose logits are read per position.
+    """
+
+    backbone: str = "native"
+    n_layers: int = 2
+    d_model: int = 128
+    n_heads: int = 4
+    d_mlp: Optional[int] = None
+    n_ctx: Optional[int] = None
+    d_vocab: Optional[int] = None
+    n_classes: Optional[int] = None
+    act_fn: str = "gelu"
+    causal: bool = False
+    attn_only: bool = False
+    pretrained: Optional[str] = None
+    image_size: int = 28
+    patch_size: int = 7
+    n_channels: int = 3
+    dropout: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.backbone not in BACKBONES:
+            raise CircuitKDError(f"unknown backbone {self.backbone!r}; expected one of {BACKBONES}")
+        if self.pretrained is None:
+            if self.n_layers < 1 or self.d_model < 1 or self.n_heads < 1:
+                raise CircuitKDError(
+                    f"ModelSpec needs positive sizes, got n_layers={self.n_layers}, "
+                    f"d_model={self.d_model}, n_heads={self.n_heads}"
+                )
+            if self.d_model % self.n_heads:
+                raise CircuitKDError(
+                    f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}"
+                )
+        if self.backbone == "vit" and self.image_size % self.patch_size:
+            raise CircuitKDError(
+                f"image_size={self.image_size} is not divisible by patch_size={self.patch_size}"
+            )
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "ModelSpec":
+        """A named size preset ("teacher", "student", "assistant", "tiny", "bert-*", "vit-*")."""
+        if name not in _PRESETS:
+            raise CircuitKDError(f"unknown preset {name!r}; expected one of {sorted(_PRESETS)}")
+        return cls(**{**_PRESETS[name], **overrides})
+
+    @staticmethod
+    def presets() -> list[str]:
+        return sorted(_PRESETS)
+
+    def replace(self, **changes: Any) -> "ModelSpec":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class TrainCfg(_Jsonable):
+    """How to train: AdamW with linear warm-up then linear decay, on the model's device.
+
+    ``steps`` is the training budget; it is recorded with every result because shortcut
+    reliance depends on it (see DESIGN.md, science notes).
+    """
+
+    steps: int = 600
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_frac: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 0
+    eval_every: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise CircuitKDError(f"TrainCfg needs steps>=1 and batch_size>=1, got {self.steps}, {self.batch_size}")
+        if not 0 <= self.warmup_frac < 1:
+            raise CircuitKDError(f"warmup_frac must be in [0, 1), got {self.warmup_frac}")
+
+    def replace(self, **changes: Any) -> "TrainCfg":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,137 @@
+"""Typed tensor aliases and the small value types shared across circuitkd.
+
+One vocabulary of dimension names is used on every public signature:
+``batch pos d_model d_vocab layer head dest_pos src_pos n_classes``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from circuitkd.errors import CircuitKDError
+
+Tokens = Int[Tensor, "batch pos"]
+Mask = Int[Tensor, "batch pos"]
+Pixels = Float[Tensor, "batch channel height width"]
+Logits = Float[Tensor, "batch n_classes"]
+PosLogits = Float[Tensor, "batch pos d_vocab"]
+Resid = Float[Tensor, "batch pos d_model"]
+Pattern = Float[Tensor, "batch head dest_pos src_pos"]
+Labels = Int[Tensor, " batch"]
+
+NodeKind = Literal["embed", "head", "mlp", "output"]
+Port = Literal["q", "k", "v", "in"]
+
+
+@dataclass(frozen=True, order=True)
+class Node:
+    """A component of a model's computational graph: the embedding, a head, an MLP or the output."""
+
+    kind: str
+    layer: Optional[int] = None
+    head: Optional[int] = None
+
+    def __str__(self) -> str:
+        if self.kind == "head":
+            return f"{self.layer}.{self.head}"
+        if self.kind == "mlp":
+            return f"mlp{self.layer}"
+        return self.kind
+
+
+@dataclass(frozen=True, order=True)
+class Edge:
+    """A path from ``src``'s output into ``dst``'s input at ``port`` (q/k/v for heads, in otherwise)."""
+
+    src: Node
+    dst: Node
+    port: str = "in"
+
+    def __str__(self) -> str:
+        port = f"<{self.port}>" if self.port != "in" else ""
+        return f"{self.src}->{self.dst}{port}"
+
+
+@dataclass
+class PromptPairs:
+    """Clean/corrupt inputs of one shape, with the answers each should get.
+
+    Attributes:
+        clean: ``Int[batch pos]`` token ids, or ``Float[batch channel height width]`` pixels.
+        corrupt: same shape and dtype as ``clean``.
+        attention_mask: ``Int[batch pos]`` (1 = real token), shared by clean and corrupt, or None.
+        position: the position the output is read at (0 for a CLS classifier, -1 for a causal model).
+        clean_answer: ``Int[batch]`` class (or token) id the clean input should get.
+        corrupt_answer: ``Int[batch]`` class (or token) id the corrupt input should get.
+        meta: free-form per-pair information (e.g. which shortcut was flipped).
+    """
+
+    clean: Tensor
+    corrupt: Tensor
+    clean_answer: Tensor
+    corrupt_answer: Tensor
+    attention_mask: Optional[Tensor] = None
+    position: int = 0
+    meta: Optional[dict] = None
+
+    def __post_init__(self) -> None:
+        if self.clean.shape != self.corrupt.shape:
+            detail = ""
+            if self.clean.dim() == 2 and self.corrupt.dim() == 2 and self.clean.shape[0] == self.corrupt.shape[0]:
+                detail = f": {self.clean.shape[1]} vs {self.corrupt.shape[1]} tokens"
+            raise CircuitKDError(
+                f"clean and corrupt differ in shape{detail} "
+                f"(clean {tuple(self.clean.shape)}, corrupt {tuple(self.corrupt.shape)})"
+            )
+        n = self.clean.shape[0]
+        for name in ("clean_answer", "corrupt_answer"):
+            value = getattr(self, name)
+            if not isinstance(value, Tensor):
+                value = torch.as_tensor(value, dtype=torch.long)
+                setattr(self, name, value)
+            if value.shape != (n,):
+                raise CircuitKDError(
+                    f"{name} must have one entry per pair: expected shape ({n},), got {tuple(value.shape)}"
+                )
+        if self.attention_mask is not None:
+            if self.clean.dim() != 2 or self.attention_mask.shape != self.clean.shape:
+                raise CircuitKDError(
+                    f"attention_mask shape {tuple(self.attention_mask.shape)} does not match "
+                    f"clean tokens {tuple(self.clean.shape)}"
+                )
+
+    def __len__(self) -> int:
+        return int(self.clean.shape[0])
+
+    def __getitem__(self, idx) -> "PromptPairs":
+        if isinstance(idx, int):
+            idx = slice(idx, idx + 1)
+        meta = None
+        if self.meta is not None:
+            meta = {k: (v[idx] if isinstance(v, Tensor) else v) for k, v in self.meta.items()}
+        return PromptPairs(
+            clean=self.clean[idx],
+            corrupt=self.corrupt[idx],
+            clean_answer=self.clean_answer[idx],
+            corrupt_answer=self.corrupt_answer[idx],
+            attention_mask=None if self.attention_mask is None else self.attention_mask[idx],
+            position=self.position,
+            meta=meta,
+        )
+
+    def to(self, device: torch.device | str) -> "PromptPairs":
+        """A copy with every tensor on ``device``."""
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return PromptPairs(
+            clean=move(self.clean),
+            corrupt=move(self.corrupt),
+            clean_answer=move(self.clean_answer),
+            corrupt_answer=move(self.corrupt_answer),
+            attention_mask=move(self.attention_mask),
+            position=self.position,
+            meta=self.meta,
+        )
