@@ -1,0 +1,87 @@
+"""Robustness metrics: in-distribution, out-of-distribution, per bias type, per group, worst group."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from circuitkd.data.task import Split, Task
+from circuitkd.errors import CircuitKDError
+from circuitkd.models.build import class_logits, model_device, spec_of
+
+
+@torch.inference_mode()
+def predict_logits(model, split: Split, *, batch_size: int = 256) -> Tensor:
+    """Class logits ``[n, n_classes]`` of ``model`` on every example of ``split`` (on the CPU)."""
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for lo in range(0, len(split), batch_size):
+            inputs = split.inputs[lo:lo + batch_size]
+            mask = None if split.attention_mask is None else split.attention_mask[lo:lo + batch_size]
+            if mask is not None:
+                width = int(mask.sum(dim=1).max())
+                inputs, mask = inputs[:, :width], mask[:, :width].to(device)
+            out.append(class_logits(model, inputs.to(device), mask).float().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+def _acc(correct: Tensor, mask: Tensor | None = None) -> float:
+    if mask is not None:
+        correct = correct[mask]
+    return float(correct.float().mean()) if correct.numel() else float("nan")
+
+
+def evaluate(model, task: Task, *, batch_size: int = 256) -> dict[str, Any]:
+    """Accuracy of ``model`` on ``task``.
+
+    Returns a dict with ``id_acc``, ``ood_acc``, ``worst_group_acc`` (lowest accuracy over
+    the groups of id_test ∪ ood_test with at least 5 examples), ``per_group`` (group name ->
+    accuracy on that union), ``per_bias`` (bias type -> {"aligned_acc", "conflicting_acc",
+    "gap", "ood_acc"}: accuracy on id_test ∪ ood_test examples containing that shortcut, split
+    by whether it agrees with the gold label; "ood_acc" is accuracy on ood_test examples where
+    that shortcut conflicts), and ``n`` (split sizes).
+    """
+    n_classes = spec_of(model).n_classes if hasattr(model, "circuitkd_spec") else None
+    if n_classes is not None and n_classes != task.n_classes:
+        raise CircuitKDError(f"model has {n_classes} classes but task {task.name!r} has {task.n_classes} labels")
+    id_split, ood_split = task.id_test, task.ood_test
+    id_correct = predict_logits(model, id_split, batch_size=batch_size).argmax(-1) == id_split.labels
+    ood_correct = predict_logits(model, ood_split, batch_size=batch_size).argmax(-1) == ood_split.labels
+    both = id_split.concat(ood_split) if len(ood_split) else id_split
+    correct = torch.cat([id_correct, ood_correct])
+
+    per_group: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for g in both.groups.unique().tolist():
+        mask = both.groups == g
+        name = task.group_names[g] if g < len(task.group_names) else str(g)
+        per_group[name] = _acc(correct, mask)
+        counts[name] = int(mask.sum())
+    eligible = [acc for name, acc in per_group.items() if counts[name] >= 5]
+    worst = min(eligible) if eligible else float("nan")
+
+    per_bias: dict[str, dict[str, float]] = {}
+    for bias in task.bias_types:
+        b_all = both.bias_labels[bias]
+        present = b_all >= 0
+        aligned = present & (b_all == both.labels)
+        conflicting = present & (b_all != both.labels)
+        b_ood = ood_split.bias_labels[bias]
+        ood_conf = (b_ood >= 0) & (b_ood != ood_split.labels)
+        a, c = _acc(correct, aligned), _acc(correct, conflicting)
+        per_bias[bias] = {"aligned_acc": a, "conflicting_acc": c, "gap": a - c,
+                          "ood_acc": _acc(ood_correct, ood_conf), "n_conflicting": int(conflicting.sum())}
+    return {
+        "id_acc": _acc(id_correct),
+        "ood_acc": _acc(ood_correct),
+        "worst_group_acc": worst,
+        "per_group": per_group,
+        "per_bias": per_bias,
+        "n": {"id_test": len(id_split), "ood_test": len(ood_split)},
+    }
