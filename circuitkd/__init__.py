@@ -1,7 +1,22 @@
-"""circuitkd: does a distilled student keep its debiased teacher's robustness, and which circuits explain it?"""
-from circuitkd.errors import CircuitKDError
-from circuitkd.types import Edge, Node, PromptPairs
-from circuitkd.config import ModelSpec, TrainCfg
+"""circuitkd: does a distilled student keep its debiased teacher's robustness, and which circuits explain it?
 
-__all__ = ["CircuitKDError", "Edge", "Node", "PromptPairs", "ModelSpec", "TrainCfg"]
+Public API (see DESIGN.md)::
+
+    import circuitkd as ckd
+    task = ckd.data.synthetic_nli(seed=0)
+    teacher = ckd.train_model(ckd.ModelSpec.preset("teacher"), task, debias="poe", seed=0)
+    scores = ckd.evaluate(teacher, task)
+"""
+from circuitkd import data
+from circuitkd.config import ModelSpec, TrainCfg
+from circuitkd.errors import CircuitKDError
+from circuitkd.evaluate import evaluate
+from circuitkd.models import ModelPair, build_model, load_checkpoint, save_checkpoint
+from circuitkd.train import train_model
+from circuitkd.types import Edge, Node, PromptPairs
+
+__all__ = [
+    "CircuitKDError", "Edge", "Node", "PromptPairs", "ModelSpec", "TrainCfg", "ModelPair",
+    "build_model", "load_checkpoint", "save_checkpoint", "train_model", "evaluate", "data",
+]
 __version__ = "0.1.0"
