@@ -61,6 +61,21 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return path
 
 
+def full_state_dict(model) -> dict[str, torch.Tensor]:
+    """Every weight of a bridge, keyed by the wrapped module's names.
+
+    The bridge's own ``state_dict`` omits some wrapped parameters (the ViT patch and position
+    embeddings, for one), so checkpoints use the wrapped module's complete one.
+    """
+    inner = getattr(model, "original_model", None)
+    return (inner if inner is not None else model).state_dict()
+
+
+def load_full_state_dict(model, weights: dict[str, torch.Tensor]) -> None:
+    inner = getattr(model, "original_model", None)
+    (inner if inner is not None else model).load_state_dict(weights, strict=True)
+
+
 def save_checkpoint(model, path: str | Path, *, config: Optional[dict[str, Any]] = None,
                     tokenizer: Any = None, extra_state: Optional[dict[str, Any]] = None) -> Path:
     """Save ``model`` (a circuitkd bridge) to the folder ``path``, atomically.
@@ -71,7 +86,7 @@ def save_checkpoint(model, path: str | Path, *, config: Optional[dict[str, Any]]
     spec = spec_of(model)
 
     def write(tmp: Path) -> None:
-        state = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+        state = {"model": {k: v.detach().cpu() for k, v in full_state_dict(model).items()}}
         if extra_state:
             state.update(extra_state)
         torch.save(state, tmp / WEIGHTS)
@@ -108,7 +123,7 @@ def load_checkpoint(path: str | Path, *, device: Optional[str | torch.device] = 
     if spec.pretrained:
         setattr(model, "circuitkd_spec", spec)
     weights = state["model"]
-    own = model.state_dict()
+    own = full_state_dict(model)
     missing = sorted(set(own) - set(weights))
     unexpected = sorted(set(weights) - set(own))
     bad_shapes = [
@@ -124,7 +139,7 @@ def load_checkpoint(path: str | Path, *, device: Optional[str | torch.device] = 
         if bad_shapes:
             parts.append("shape mismatch " + "; ".join(sorted(bad_shapes)[:5]))
         raise CircuitKDError(f"checkpoint {path} does not match its spec ({spec.backbone}): " + ", ".join(parts))
-    model.load_state_dict(weights, strict=True)
+    load_full_state_dict(model, weights)
     model.eval()
     return model
 

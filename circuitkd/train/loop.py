@@ -6,8 +6,6 @@ after an interruption. A non-finite loss stops it with a clear error.
 """
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -21,7 +19,9 @@ from circuitkd.config import TrainCfg
 from circuitkd.data.task import Split
 from circuitkd.errors import CircuitKDError
 from circuitkd.models.build import class_logits, model_device, spec_of
-from circuitkd.models.checkpoint import atomic_write_dir, is_checkpoint, read_checkpoint_state, save_checkpoint
+from circuitkd.models.checkpoint import (
+    is_checkpoint, load_full_state_dict, read_checkpoint_state, save_checkpoint,
+)
 
 
 @dataclass
@@ -155,7 +155,7 @@ def train_loop(model, split: Split, cfg: TrainCfg, *, loss_fn: LossFn = cross_en
                 f"resume state at {resume_path} was written by a different training config; "
                 "delete it or train with the same config"
             )
-        model.load_state_dict(state["model"])
+        load_full_state_dict(model, state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         sampler.load(state["sampler"])

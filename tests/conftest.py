@@ -1,0 +1,64 @@
+"""Shared test fixtures: deterministic seeding, one torch thread, tiny tasks built in memory."""
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield
+
+
+def toy_text_task(n_train: int = 256, n_test: int = 64, seq: int = 8, vocab: int = 20, seed: int = 0):
+    """A 2-class task: label = whether token 5 occurs; a shortcut token 7 at position 1 agrees in train."""
+    from circuitkd.data.task import Split, Task
+
+    g = torch.Generator().manual_seed(seed)
+
+    def make(n: int, aligned_frac: float) -> Split:
+        x = torch.randint(8, vocab, (n, seq), generator=g)
+        x[:, 0] = 1  # CLS
+        labels = torch.randint(0, 2, (n,), generator=g)
+        pos = torch.randint(2, seq, (n,), generator=g)
+        x[labels == 1, pos[labels == 1]] = 5
+        aligned = torch.rand(n, generator=g) < aligned_frac
+        shortcut = torch.where(aligned, labels, 1 - labels)
+        x[:, 1] = torch.where(shortcut == 1, 7, 6)
+        mask = torch.ones(n, seq, dtype=torch.long)
+        cut = torch.randint(seq - 2, seq + 1, (n,), generator=g)
+        mask[torch.arange(seq)[None] >= cut[:, None]] = 0
+        x[mask == 0] = 0
+        # the label token must survive the padding
+        keep = (x == 5).any(1) == labels.bool()
+        labels = torch.where(keep, labels, 1 - labels)
+        return Split(inputs=x, labels=labels, bias_labels={"token": shortcut},
+                     groups=labels * 2 + (shortcut == labels).long(), attention_mask=mask)
+
+    class Tok:
+        pad_token_id = 0
+        vocab_size = vocab
+
+    return Task(
+        name="toy", modality="text", n_classes=2, label_names=("no", "yes"), bias_types=("token",),
+        group_names=("0|conflict", "0|aligned", "1|conflict", "1|aligned"),
+        splits={"train": make(n_train, 0.9), "id_test": make(n_test, 0.9), "ood_test": make(n_test, 0.0)},
+        tokenizer=Tok(),
+    )
+
+
+@pytest.fixture
+def toy_task():
+    return toy_text_task()
