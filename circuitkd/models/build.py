@@ -223,7 +223,9 @@ def _build_vit(spec: ModelSpec, device: torch.device, dtype: Optional[torch.dtyp
 
 
 def model_device(model) -> torch.device:
-    return next(model.parameters()).device
+    """The device of the model's first parameter (CPU for a parameter-free model)."""
+    param = next(iter(model.parameters()), None)
+    return param.device if param is not None else torch.device("cpu")
 
 
 def read_position(model) -> int:
