@@ -31,19 +31,17 @@ def toy_text_task(n_train: int = 256, n_test: int = 64, seq: int = 8, vocab: int
     def make(n: int, aligned_frac: float) -> Split:
         x = torch.randint(8, vocab, (n, seq), generator=g)
         x[:, 0] = 1  # CLS
+        mask = torch.ones(n, seq, dtype=torch.long)
+        length = torch.randint(seq - 2, seq + 1, (n,), generator=g)
+        mask[torch.arange(seq)[None] >= length[:, None]] = 0
         labels = torch.randint(0, 2, (n,), generator=g)
-        pos = torch.randint(2, seq, (n,), generator=g)
+        # the label token sits inside the real (unpadded) tokens
+        pos = 2 + (torch.rand(n, generator=g) * (length - 2)).long()
         x[labels == 1, pos[labels == 1]] = 5
         aligned = torch.rand(n, generator=g) < aligned_frac
         shortcut = torch.where(aligned, labels, 1 - labels)
         x[:, 1] = torch.where(shortcut == 1, 7, 6)
-        mask = torch.ones(n, seq, dtype=torch.long)
-        cut = torch.randint(seq - 2, seq + 1, (n,), generator=g)
-        mask[torch.arange(seq)[None] >= cut[:, None]] = 0
         x[mask == 0] = 0
-        # the label token must survive the padding
-        keep = (x == 5).any(1) == labels.bool()
-        labels = torch.where(keep, labels, 1 - labels)
         return Split(inputs=x, labels=labels, bias_labels={"token": shortcut},
                      groups=labels * 2 + (shortcut == labels).long(), attention_mask=mask)
 
