@@ -105,6 +105,9 @@ def backbone_of(model) -> str:
         return "bert"
     if arch.startswith("ViT"):
         return "vit"
+    if arch.startswith("GPT2"):
+        # HF GPT-2 bridges (pre-LN, causal): supported for cross-checks against TransformerLens' own tools.
+        return "gpt2"
     raise CircuitKDError(
         f"cannot tell the backbone of {type(model).__name__} (architecture {arch!r}); "
         "circuitkd supports native encoders, BERT and ViT bridges"
@@ -120,7 +123,8 @@ def n_heads(model) -> int:
 
 
 def is_causal(model) -> bool:
-    return backbone_of(model) == "native" and getattr(model.cfg, "attention_dir", "") == "causal"
+    backbone = backbone_of(model)
+    return backbone == "gpt2" or (backbone == "native" and getattr(model.cfg, "attention_dir", "") == "causal")
 
 
 def has_mlp(model) -> bool:
@@ -356,3 +360,46 @@ def all_sites(model, kinds: Sequence[str]) -> list[Site]:
                 continue
             out.append(Site(layer, kind))
     return out
+
+
+# ---------------------------------------------------------------------------- circuit-edge hooks
+
+def mlp_input_hook_name(model, layer: int) -> str:
+    """The MLP's own input (after ``ln2`` on pre-LN models; the normalised residual on BERT)."""
+    check_site(model, Site(layer, "mlp_out"))
+    return f"{_block(layer)}.mlp.hook_in"
+
+
+def readout_hook_name(model) -> str:
+    """The classifier's (or unembedding's) input over every position.
+
+    Pre-LN models: ``ln_final``'s output; BERT (no final norm): the pooler's input,
+    i.e. the last block's normalised residual.
+    """
+    return "pooler.hook_in" if backbone_of(model) == "bert" else "ln_final.hook_out"
+
+
+def norm_hook_names(model, layer: Optional[int], norm: str) -> tuple[str, str]:
+    """``(input, output)`` hooks of a LayerNorm: ``norm`` is "ln1", "ln2" (``layer`` set) or "ln_final".
+
+    On BERT ``ln1`` is the post-attention norm and ``ln2`` the post-MLP norm (both on
+    the residual stream); on pre-LN models they are the attention's and the MLP's input norms.
+    """
+    if norm == "ln_final":
+        if backbone_of(model) == "bert":
+            raise CircuitKDError("BERT has no final norm (its blocks end in ln2)")
+        prefix = "ln_final"
+    elif norm in ("ln1", "ln2"):
+        if layer is None or not 0 <= layer < n_layers(model):
+            raise CircuitKDError(f"norm {norm!r} needs a layer in [0, {n_layers(model)}), got {layer}")
+        prefix = f"{_block(layer)}.{norm}"
+    else:
+        raise CircuitKDError(f"unknown norm {norm!r}; expected 'ln1', 'ln2' or 'ln_final'")
+    return f"{prefix}.hook_in", f"{prefix}.hook_out"
+
+
+def norm_module(model, layer: Optional[int], norm: str) -> torch.nn.Module:
+    """The ``torch.nn.LayerNorm`` behind a bridge norm (for recomputing it on edited inputs)."""
+    norm_hook_names(model, layer, norm)  # validates the name
+    bridge = model.ln_final if norm == "ln_final" else getattr(model.blocks[layer], norm)
+    return getattr(bridge, "_original_component", bridge)
