@@ -65,7 +65,8 @@ def resolve_spec(spec: ModelSpec, task: Any = None) -> ModelSpec:
                 changes["n_channels"] = channels
     spec = spec.replace(**changes) if changes else spec
     if spec.pretrained is None:
-        if spec.n_classes is None:
+        # A causal native model without n_classes is a language model (d_vocab outputs).
+        if spec.n_classes is None and not (spec.causal and spec.backbone == "native"):
             raise CircuitKDError("model spec has no n_classes: pass a task or set ModelSpec(n_classes=...)")
         if spec.backbone != "vit" and (spec.d_vocab is None or spec.n_ctx is None):
             raise CircuitKDError(
