@@ -148,3 +148,36 @@ class TrainCfg(_Jsonable):
 
     def replace(self, **changes: Any) -> "TrainCfg":
         return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class DebiasCfg(_Jsonable):
+    """Hyper-parameters of the debiasing methods (``circuitkd.train.debias``).
+
+    ``bias`` picks the bias-only model the bias-product methods use: "all" (one logistic
+    model over every annotated shortcut), a single bias type ("overlap", "negation", "cue",
+    "color"), or "unknown" (a shallow, briefly trained model, Utama et al. 2020b). A method
+    name may override it: ``"poe:unknown"``, ``"reweight:overlap"``.
+    """
+
+    bias: str = "all"
+    focal_gamma: float = 2.0
+    lmh_entropy_weight: float = 0.03
+    dro_eta: float = 0.01
+    dro_adjustment: float = 0.0
+    jtt_upweight: float = 6.0
+    jtt_id_frac: float = 0.25
+    unknown_examples: int = 500
+    unknown_steps: int = 100
+    bias_model_l2: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.focal_gamma < 0:
+            raise CircuitKDError(f"focal_gamma must be >= 0, got {self.focal_gamma}")
+        if self.jtt_upweight < 1:
+            raise CircuitKDError(f"jtt_upweight must be >= 1, got {self.jtt_upweight}")
+        if not 0 < self.jtt_id_frac <= 1:
+            raise CircuitKDError(f"jtt_id_frac must be in (0, 1], got {self.jtt_id_frac}")
+
+    def replace(self, **changes: Any) -> "DebiasCfg":
+        return dataclasses.replace(self, **changes)

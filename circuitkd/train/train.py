@@ -21,18 +21,22 @@ def partial_dir(checkpoint: str | Path) -> Path:
     return checkpoint.parent / f"{checkpoint.name}.partial"
 
 
-def objective(debias: str, task: Task, model, *, cfg: TrainCfg, seed: int) -> tuple[LossFn, list]:
-    """The loss for ``debias`` ("none" = cross-entropy) and any extra trainable parameters it owns."""
+def objective(debias: str, task: Task, model, *, cfg: TrainCfg, seed: int, **options) -> tuple[LossFn, list]:
+    """The loss for ``debias`` ("none" = cross-entropy) and any extra trainable parameters it owns.
+
+    ``options`` go to :func:`circuitkd.train.debias.make_objective` (``teacher=``, ``options=``, ``split=``).
+    """
     if debias in (None, "none"):
         return cross_entropy_loss, []
     from circuitkd.train import debias as debias_mod
 
-    return debias_mod.make_objective(debias, task, model, cfg=cfg, seed=seed)
+    return debias_mod.make_objective(debias, task, model, cfg=cfg, seed=seed, **options)
 
 
 def train_model(spec: ModelSpec, task: Task, *, debias: str = "none", seed: int = 0,
                 cfg: Optional[TrainCfg] = None, device: Optional[str | torch.device] = None,
-                checkpoint: Optional[str | Path] = None, desc: Optional[str] = None):
+                checkpoint: Optional[str | Path] = None, desc: Optional[str] = None,
+                debias_options: Optional[dict] = None):
     """Build ``spec`` for ``task`` and train it; returns the trained ``TransformerBridge``.
 
     Args:
@@ -44,12 +48,14 @@ def train_model(spec: ModelSpec, task: Task, *, debias: str = "none", seed: int 
         device: where to build the model (CUDA when available by default).
         checkpoint: a folder; if it already holds a finished checkpoint the model is loaded
             from it instead of trained, and an interrupted run resumes from its partial state.
+        debias_options: keyword arguments for the debiasing objective, e.g.
+            ``{"options": DebiasCfg(...), "teacher": plain_model}`` (see ``make_objective``).
     """
     cfg = (cfg or TrainCfg()).replace(seed=seed)
     if checkpoint is not None and is_checkpoint(checkpoint):
         return load_checkpoint(checkpoint, device=device)
     model = build_model(spec.replace(seed=seed), task, device=device)
-    loss_fn, extra = objective(debias, task, model, cfg=cfg, seed=seed)
+    loss_fn, extra = objective(debias, task, model, cfg=cfg, seed=seed, **(debias_options or {}))
     resume = partial_dir(checkpoint) if checkpoint is not None else None
     if resume is not None and cfg.checkpoint_every == 0:
         cfg = cfg.replace(checkpoint_every=max(50, cfg.steps // 5))

@@ -1,0 +1,331 @@
+"""Debiasing objectives, selected by name, for text and image tasks alike.
+
+Each method is a pure loss over tensors (tested against hand-computed values) plus a
+factory, :func:`make_objective`, that precomputes what the loss needs per training example
+(bias-only probabilities, a plain teacher's predictions, JTT's error set) and returns a
+``loss_fn(model, batch, step)`` for :func:`circuitkd.train.loop.train_loop`.
+
+Methods (``METHODS``):
+
+* ``reweight`` — example reweighting, weight ``1 - p_bias(y)`` (Clark, Yatskar & Zettlemoyer
+  2019, arXiv 1909.03683; Schuster et al. 2019), normalised by the batch's total weight.
+* ``poe`` — product of experts: cross-entropy on ``softmax(log p_main + log p_bias)``
+  (Clark et al. 2019; He, Zha & Wang 2019; Karimi Mahabadi, Belinkov & Henderson 2020).
+* ``learned_mixin_h`` — learned-mixin + H (Clark et al. 2019): ``softmax(log p_main +
+  g(x) log p_bias)`` with ``g(x) = softplus(w · h_x + b)`` learned from the model's final
+  hidden state, plus ``w_H`` times the entropy of ``softmax(g(x) log p_bias)`` so the model
+  cannot switch the bias off by driving ``g`` to 0.
+* ``focal`` — debiased focal loss ``(1 - p_bias(y))^γ · CE`` (Karimi Mahabadi et al. 2020,
+  arXiv 1909.06321).
+* ``confreg`` — confidence regularisation (Utama, Moosavi & Gurevych 2020a, arXiv 2005.00315):
+  self-distillation from a plainly trained teacher whose probabilities are scaled by the
+  bias strength, ``S(p_t, β)_j ∝ p_t,j^(1-β)`` with ``β = p_bias(y)``.
+* ``group_dro`` — online Group DRO (Sagawa, Koh, Hashimoto & Liang 2020, arXiv 1911.08731):
+  exponentiated-gradient weights ``q_g ∝ q_g exp(η L_g)`` over the task's groups, loss
+  ``Σ_g q_g L_g`` (optionally with the generalisation adjustment ``C/√n_g``).
+* ``jtt`` — Just Train Twice (Liu et al. 2021, arXiv 2107.09044): a briefly trained ERM model
+  marks the training examples it gets wrong; the final model upweights them by ``λ_up``
+  (a weighted loss, equal in expectation to upsampling them ``λ_up`` times).
+
+The bias-only model the bias-product methods use is chosen by ``DebiasCfg.bias`` or a
+suffix on the name: ``"poe:unknown"`` (Utama et al. 2020b's shallow model), ``"focal:overlap"``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from circuitkd.config import DebiasCfg, TrainCfg
+from circuitkd.data.task import Split, Task
+from circuitkd.errors import CircuitKDError
+from circuitkd.models.build import model_device, select_class_logits, spec_of
+from circuitkd.train.loop import Batch, LossFn
+
+# --------------------------------------------------------------------------- pure losses
+
+
+def _gold(probs: Tensor, labels: Tensor) -> Tensor:
+    return probs.gather(1, labels[:, None]).squeeze(1)
+
+
+def reweight_loss(logits: Float[Tensor, "batch n_classes"], labels: Int[Tensor, " batch"],
+                  bias_probs: Float[Tensor, "batch n_classes"]) -> Tensor:
+    """``Σ_i w_i CE_i / Σ_i w_i`` with ``w_i = 1 - p_bias(y_i)``."""
+    weights = 1.0 - _gold(bias_probs, labels)
+    ce = F.cross_entropy(logits, labels, reduction="none")
+    return (weights * ce).sum() / weights.sum().clamp_min(1e-12)
+
+
+def poe_loss(logits: Float[Tensor, "batch n_classes"], labels: Int[Tensor, " batch"],
+             bias_probs: Float[Tensor, "batch n_classes"]) -> Tensor:
+    """Cross-entropy of ``softmax(log_softmax(logits) + log p_bias)``."""
+    combined = F.log_softmax(logits, dim=-1) + bias_probs.log()
+    return F.cross_entropy(combined, labels)
+
+
+def learned_mixin_h_loss(logits: Float[Tensor, "batch n_classes"], labels: Int[Tensor, " batch"],
+                         bias_probs: Float[Tensor, "batch n_classes"], gate: Float[Tensor, " batch"],
+                         entropy_weight: float) -> Tensor:
+    """Learned-mixin + H: CE of ``softmax(log p_main + g·log p_bias)`` + ``w_H · H(softmax(g·log p_bias))``.
+
+    ``gate`` is ``g(x) >= 0`` per example (a softplus of a learned projection).
+    """
+    scaled_bias = gate[:, None] * bias_probs.log()
+    combined = F.log_softmax(logits, dim=-1) + scaled_bias
+    loss = F.cross_entropy(combined, labels)
+    if entropy_weight:
+        log_q = F.log_softmax(scaled_bias, dim=-1)
+        entropy = -(log_q.exp() * log_q).sum(dim=-1).mean()
+        loss = loss + entropy_weight * entropy
+    return loss
+
+
+def focal_loss(logits: Float[Tensor, "batch n_classes"], labels: Int[Tensor, " batch"],
+               bias_probs: Float[Tensor, "batch n_classes"], gamma: float) -> Tensor:
+    """Debiased focal loss: mean of ``(1 - p_bias(y))^γ · CE``."""
+    weights = (1.0 - _gold(bias_probs, labels)) ** gamma
+    return (weights * F.cross_entropy(logits, labels, reduction="none")).mean()
+
+
+def scaled_teacher_probs(teacher_probs: Float[Tensor, "batch n_classes"], labels: Int[Tensor, " batch"],
+                         bias_probs: Float[Tensor, "batch n_classes"]) -> Float[Tensor, "batch n_classes"]:
+    """Utama et al. (2020a)'s ``S(p_t, β)_j = p_t,j^(1-β) / Σ_k p_t,k^(1-β)``, ``β = p_bias(y)``."""
+    beta = _gold(bias_probs, labels)
+    scaled = teacher_probs.clamp_min(1e-12) ** (1.0 - beta)[:, None]
+    return scaled / scaled.sum(dim=-1, keepdim=True)
+
+
+def confreg_loss(logits: Float[Tensor, "batch n_classes"], labels: Int[Tensor, " batch"],
+                 bias_probs: Float[Tensor, "batch n_classes"],
+                 teacher_probs: Float[Tensor, "batch n_classes"]) -> Tensor:
+    """Cross-entropy between the bias-scaled teacher distribution and the model's: ``-Σ_j S_j log p_j``."""
+    target = scaled_teacher_probs(teacher_probs, labels, bias_probs)
+    return -(target * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
+
+
+def group_dro_step(per_example_loss: Float[Tensor, " batch"], groups: Int[Tensor, " batch"], q: Tensor,
+                   eta: float, adjustment: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """One online Group DRO step: returns ``(Σ_g q'_g L_g, q')`` with ``q'_g ∝ q_g exp(η (L_g + adj_g))``.
+
+    ``L_g`` is the mean loss of group ``g`` in the batch (0 for groups absent from it, whose
+    weight then only changes through renormalisation, as in Sagawa et al.'s code).
+    """
+    n_groups = q.shape[0]
+    onehot = F.one_hot(groups, n_groups).float()
+    counts = onehot.sum(dim=0)
+    group_loss = (onehot * per_example_loss[:, None]).sum(dim=0) / counts.clamp_min(1.0)
+    step_loss = group_loss.detach()
+    if adjustment is not None:
+        step_loss = step_loss + adjustment
+    new_q = q * torch.exp(eta * step_loss)
+    new_q = new_q / new_q.sum()
+    return (new_q * group_loss).sum(), new_q
+
+
+def upweighted_loss(logits: Float[Tensor, "batch n_classes"], labels: Int[Tensor, " batch"],
+                    weights: Float[Tensor, " batch"], mean_weight: float) -> Tensor:
+    """JTT's objective: ``mean(w · CE) / E[w]``, with ``E[w]`` over the whole training split.
+
+    Dividing by the dataset's mean weight (not the batch's) makes this the upsampled
+    dataset's loss in expectation.
+    """
+    return (weights * F.cross_entropy(logits, labels, reduction="none")).mean() / mean_weight
+
+
+# ------------------------------------------------------------------------- objectives
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    paper: str
+    uses_bias_model: bool
+    build: Callable[..., tuple[LossFn, list]]
+
+
+def _parse(name: str, options: DebiasCfg) -> tuple[str, DebiasCfg]:
+    if not isinstance(name, str):
+        raise CircuitKDError(f"debiasing method must be a name, got {type(name).__name__}")
+    base, _, bias = name.partition(":")
+    if base not in METHODS:
+        raise CircuitKDError(f"unknown debiasing method {name!r}; known methods: {', '.join(['none', *METHODS])}")
+    if bias:
+        if not METHODS[base].uses_bias_model:
+            raise CircuitKDError(f"method {base!r} uses no bias-only model, so {name!r} names one it cannot use")
+        options = options.replace(bias=bias)
+    return base, options
+
+
+def _bias_probs(task, split, model, options: DebiasCfg, cfg: TrainCfg, seed: int) -> Tensor:
+    from circuitkd.train.bias_models import bias_probs, known_bias_probs
+
+    if options.bias == "unknown":
+        return bias_probs(task, "unknown", spec=spec_of(model), split=split, seed=seed, cfg=cfg,
+                          unknown_examples=options.unknown_examples, unknown_steps=options.unknown_steps,
+                          device=model_device(model))
+    return known_bias_probs(task, options.bias, split=split, l2=options.bias_model_l2)
+
+
+def _lookup(table: Tensor, batch: Batch) -> Tensor:
+    return table[batch.index.to(table.device)].to(batch.labels.device)
+
+
+def _bias_product(loss: Callable[..., Tensor], **kw) -> Callable[..., tuple[LossFn, list]]:
+    def build(task, split, model, *, cfg, seed, options, teacher=None):
+        probs = _bias_probs(task, split, model, options, cfg, seed)
+        extra = {k: getattr(options, v) for k, v in kw.items()}
+
+        def loss_fn(model, batch: Batch, step: int) -> Tensor:
+            return loss(batch.logits(model), batch.labels, _lookup(probs, batch), **extra)
+
+        loss_fn.bias_probs = probs  # type: ignore[attr-defined]
+        return loss_fn, []
+
+    return build
+
+
+def _hidden_and_logits(model, batch: Batch) -> tuple[Tensor, Tensor]:
+    """The classifier's input (final hidden state at the read position) and the class logits."""
+    seen: dict[str, Tensor] = {}
+
+    def grab(module, args):
+        seen["hidden"] = args[0]
+
+    handle = model.unembed.register_forward_pre_hook(grab)
+    try:
+        logits = batch.logits(model)
+    finally:
+        handle.remove()
+    hidden = seen["hidden"]
+    if hidden.dim() == 3:
+        hidden = select_class_logits(model, hidden, batch.attention_mask)
+    return hidden, logits
+
+
+def _build_lmh(task, split, model, *, cfg, seed, options, teacher=None):
+    probs = _bias_probs(task, split, model, options, cfg, seed)
+    d_model = spec_of(model).d_model
+    gate = torch.nn.Linear(d_model, 1).to(model_device(model))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        torch.nn.init.normal_(gate.weight, std=0.02)
+    torch.nn.init.zeros_(gate.bias)
+
+    def loss_fn(model, batch: Batch, step: int) -> Tensor:
+        hidden, logits = _hidden_and_logits(model, batch)
+        g = F.softplus(gate(hidden.float())).squeeze(-1)
+        return learned_mixin_h_loss(logits, batch.labels, _lookup(probs, batch), g, options.lmh_entropy_weight)
+
+    loss_fn.bias_probs = probs  # type: ignore[attr-defined]
+    loss_fn.gate = gate  # type: ignore[attr-defined]
+    return loss_fn, list(gate.parameters())
+
+
+def _build_confreg(task, split, model, *, cfg, seed, options, teacher=None):
+    from circuitkd.evaluate import predict_logits
+
+    probs = _bias_probs(task, split, model, options, cfg, seed)
+    if teacher is None:
+        # Utama et al. distil from a plainly trained model of the same kind: train one.
+        from circuitkd.models.build import build_model
+        from circuitkd.train.loop import train_loop
+
+        teacher = build_model(spec_of(model).replace(seed=seed), task, device=model_device(model))
+        train_loop(teacher, task.train, cfg.replace(checkpoint_every=0), desc="confreg: plain teacher")
+    teacher_probs = torch.softmax(predict_logits(teacher, split), dim=-1)
+
+    def loss_fn(model, batch: Batch, step: int) -> Tensor:
+        return confreg_loss(batch.logits(model), batch.labels, _lookup(probs, batch), _lookup(teacher_probs, batch))
+
+    loss_fn.bias_probs = probs  # type: ignore[attr-defined]
+    loss_fn.teacher_probs = teacher_probs  # type: ignore[attr-defined]
+    return loss_fn, []
+
+
+def _build_group_dro(task, split, model, *, cfg, seed, options, teacher=None):
+    n_groups = max(len(task.group_names), int(split.groups.max()) + 1)
+    device = model_device(model)
+    state = {"q": torch.full((n_groups,), 1.0 / n_groups, device=device)}
+    adjustment = None
+    if options.dro_adjustment:
+        counts = torch.bincount(split.groups, minlength=n_groups).float().clamp_min(1.0)
+        adjustment = (options.dro_adjustment / counts.sqrt()).to(device)
+
+    def loss_fn(model, batch: Batch, step: int) -> Tensor:
+        per_example = F.cross_entropy(batch.logits(model), batch.labels, reduction="none")
+        loss, state["q"] = group_dro_step(per_example, batch.groups, state["q"], options.dro_eta, adjustment)
+        return loss
+
+    loss_fn.state = state  # type: ignore[attr-defined]
+    return loss_fn, []
+
+
+def jtt_error_set(task, split: Split, model, *, cfg: TrainCfg, seed: int, id_frac: float) -> Tensor:
+    """``Bool[n]``: examples of ``split`` a briefly trained ERM copy of ``model`` misclassifies."""
+    from circuitkd.evaluate import predict_logits
+    from circuitkd.models.build import build_model
+    from circuitkd.train.loop import train_loop
+
+    id_steps = max(1, int(round(id_frac * cfg.steps)))
+    id_model = build_model(spec_of(model).replace(seed=seed + 2), task, device=model_device(model))
+    train_loop(id_model, task.train, cfg.replace(steps=id_steps, seed=seed + 2, checkpoint_every=0),
+               desc="jtt: identification model")
+    return predict_logits(id_model, split).argmax(-1) != split.labels
+
+
+def _build_jtt(task, split, model, *, cfg, seed, options, teacher=None):
+    errors = jtt_error_set(task, split, model, cfg=cfg, seed=seed, id_frac=options.jtt_id_frac)
+    weights = torch.where(errors, torch.tensor(options.jtt_upweight), torch.tensor(1.0))
+    mean_weight = float(weights.mean())
+
+    def loss_fn(model, batch: Batch, step: int) -> Tensor:
+        return upweighted_loss(batch.logits(model), batch.labels, _lookup(weights, batch), mean_weight)
+
+    loss_fn.error_set = errors  # type: ignore[attr-defined]
+    return loss_fn, []
+
+
+METHODS: dict[str, Method] = {
+    "reweight": Method("reweight", "Clark et al. 2019; Schuster et al. 2019", True, _bias_product(reweight_loss)),
+    "poe": Method("poe", "Clark et al. 2019; He et al. 2019; Karimi Mahabadi et al. 2020", True,
+                  _bias_product(poe_loss)),
+    "learned_mixin_h": Method("learned_mixin_h", "Clark et al. 2019", True, _build_lmh),
+    "focal": Method("focal", "Karimi Mahabadi et al. 2020", True, _bias_product(focal_loss, gamma="focal_gamma")),
+    "confreg": Method("confreg", "Utama et al. 2020a", True, _build_confreg),
+    "group_dro": Method("group_dro", "Sagawa et al. 2020", False, _build_group_dro),
+    "jtt": Method("jtt", "Liu et al. 2021", False, _build_jtt),
+}
+
+
+def method_names() -> list[str]:
+    return list(METHODS)
+
+
+def make_objective(name: str, task: Task, model, *, cfg: Optional[TrainCfg] = None, seed: int = 0,
+                   split: Optional[Split] = None, teacher: Any = None,
+                   options: Optional[DebiasCfg | dict] = None) -> tuple[LossFn, list]:
+    """The loss of debiasing method ``name`` and the extra parameters it trains (learned-mixin's gate).
+
+    Args:
+        name: a key of :data:`METHODS`, optionally with a bias-model suffix ("poe:unknown").
+        task: the task (bias annotations, groups).
+        model: the model that will be trained (its spec sizes the shallow / identification models).
+        cfg: the training config (the identification and plain-teacher models reuse it).
+        seed: seeds the auxiliary models.
+        split: the split the loss will be trained on (``batch.index`` refers to it);
+            ``task.train`` by default, or e.g. train + augmentation when distilling.
+        teacher: for ``confreg``, an already trained plain model to self-distil from
+            (trained here with ``cfg`` when None).
+        options: :class:`DebiasCfg` (or a dict of its fields).
+    """
+    if isinstance(options, dict):
+        options = DebiasCfg.from_dict(options)
+    base, options = _parse(name, options or DebiasCfg())
+    cfg = cfg or TrainCfg()
+    split = task.train if split is None else split
+    return METHODS[base].build(task, split, model, cfg=cfg, seed=seed, options=options, teacher=teacher)
