@@ -31,6 +31,19 @@ def predict_logits(model, split: Split, *, batch_size: int = 256) -> Tensor:
     return torch.cat(out) if out else torch.zeros(0, 0)
 
 
+def predictions(model, task: Task, split: Split, *, batch_size: int = 256) -> Tensor:
+    """Predicted labels ``[n]`` in the task's label space.
+
+    A task whose gold labels live in a coarser space than the model's outputs (HANS scored
+    with a 3-class MNLI model) maps each predicted class through ``task.info["prediction_map"]``.
+    """
+    pred = predict_logits(model, split, batch_size=batch_size).argmax(-1)
+    mapping = task.info.get("prediction_map") if task.info else None
+    if mapping is not None:
+        pred = torch.as_tensor(mapping, dtype=torch.long)[pred]
+    return pred
+
+
 def _acc(correct: Tensor, mask: Tensor | None = None) -> float:
     if mask is not None:
         correct = correct[mask]
@@ -48,11 +61,13 @@ def evaluate(model, task: Task, *, batch_size: int = 256) -> dict[str, Any]:
     that shortcut conflicts), and ``n`` (split sizes).
     """
     n_classes = spec_of(model).n_classes if hasattr(model, "circuitkd_spec") else None
-    if n_classes is not None and n_classes != task.n_classes:
+    mapping = task.info.get("prediction_map") if task.info else None
+    expected = len(mapping) if mapping is not None else task.n_classes
+    if n_classes is not None and n_classes != expected:
         raise CircuitKDError(f"model has {n_classes} classes but task {task.name!r} has {task.n_classes} labels")
     id_split, ood_split = task.id_test, task.ood_test
-    id_correct = predict_logits(model, id_split, batch_size=batch_size).argmax(-1) == id_split.labels
-    ood_correct = predict_logits(model, ood_split, batch_size=batch_size).argmax(-1) == ood_split.labels
+    id_correct = predictions(model, task, id_split, batch_size=batch_size) == id_split.labels
+    ood_correct = predictions(model, task, ood_split, batch_size=batch_size) == ood_split.labels
     both = id_split.concat(ood_split) if len(ood_split) else id_split
     correct = torch.cat([id_correct, ood_correct])
 
