@@ -189,6 +189,24 @@ def hook_name(model, site: Site) -> str:
     raise CircuitKDError(f"no hook for site {site}")  # pragma: no cover - KINDS is exhaustive
 
 
+def edit_point(model, site: Site) -> tuple[str, bool]:
+    """``(hook_name, additive)``: where to *edit* ``site``, and whether the edit must be a delta.
+
+    Reading and editing differ at one site: on pre-LN bridges (native, ViT)
+    ``hook_resid_mid`` is ``ln2.hook_in``, so replacing it changes only the MLP's input
+    while the residual keeps the unpatched value. There the edit is made additively at the
+    attention's write ``attn.o.hook_out`` (``resid_mid = resid_pre + attn_out``). Per-head
+    outputs are edited additively there too (their own hook is ``z``). Everything else is
+    edited in place at :func:`hook_name`.
+    """
+    if site.kind == "resid_mid" and backbone_of(model) != "bert":
+        check_site(model, site)
+        return hook_name(model, Site(site.layer, "attn_out")), True
+    if site.kind == "head_out":
+        return hook_name(model, Site(site.layer, "attn_out")), True
+    return hook_name(model, site), False
+
+
 def hook_point(model, name: str):
     """The HookPoint called ``name``; raises CircuitKDError naming it when the bridge has none."""
     try:
@@ -283,7 +301,8 @@ def capture_hooks(
     """Forward hooks that write each site's activation into ``store[site]``.
 
     With ``grad=False`` tensors are detached; with ``grad=True`` they stay in the graph and
-    ``retain_grad()`` is called so ``store[site].grad`` is filled by a backward pass.
+    ``retain_grad()`` is called so ``store[site].grad`` is filled by a backward pass
+    (derived sites — ``head_out``, HF ``pattern`` — are computed beside the graph and get no grad).
     ``transform(site, act)`` (optional) maps the activation before storing (a streaming
     reducer uses this); returning None stores nothing.
     """
@@ -291,17 +310,22 @@ def capture_hooks(
     backbone = backbone_of(model)
     pending_q: dict[int, Tensor] = {}
 
-    def put(site: Site, act: Tensor) -> None:
+    def put(site: Site, act: Tensor) -> Optional[Tensor]:
+        # With grad, the hook hands the very tensor it stored back to the bridge, so that the
+        # tensor downstream computation uses (after any reshaping hook conversion) is the stored one.
+        passed = act
         if grad:
             if act.requires_grad and not act.is_leaf:
                 act.retain_grad()
         else:
             act = act.detach()
+            passed = None
         if transform is not None:
             act = transform(site, act)
             if act is None:
-                return
+                return passed
         store[site] = act
+        return passed
 
     for site in sites:
         check_site(model, site)
@@ -324,7 +348,7 @@ def capture_hooks(
             hooks.append((hook_name(model, site), store_head_out))
         else:
             def store_act(act, *, hook, site=site):
-                put(site, act)
+                return put(site, act)
 
             hooks.append((hook_name(model, site), store_act))
     return hooks
