@@ -8,15 +8,15 @@ Public API (see DESIGN.md)::
     scores = ckd.evaluate(teacher, task)
 """
 from circuitkd import data
-from circuitkd.config import ModelSpec, TrainCfg
+from circuitkd.config import DebiasCfg, ModelSpec, TrainCfg
 from circuitkd.errors import CircuitKDError
 from circuitkd.evaluate import evaluate
 from circuitkd.models import ModelPair, build_model, load_checkpoint, save_checkpoint
-from circuitkd.train import train_model
+from circuitkd.train import distill, train_model
 from circuitkd.types import Edge, Node, PromptPairs
 
 __all__ = [
     "CircuitKDError", "Edge", "Node", "PromptPairs", "ModelSpec", "TrainCfg", "ModelPair",
-    "build_model", "load_checkpoint", "save_checkpoint", "train_model", "evaluate", "data",
+    "build_model", "load_checkpoint", "save_checkpoint", "train_model", "distill", "DebiasCfg", "evaluate", "data",
 ]
 __version__ = "0.1.0"
