@@ -1,0 +1,102 @@
+"""Plumbing shared by the circuit methods: checking pairs against a model, batching, and
+the replacement values an ablated edge carries (corrupt-activation, mean or zero ablation)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+from torch import Tensor
+
+from circuitkd.circuits.forward import SourceValues, source_values
+from circuitkd.circuits.graph import ComponentGraph
+from circuitkd.errors import CircuitKDError
+from circuitkd.types import PromptPairs
+
+ABLATIONS = ("corrupt", "mean", "zero")
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def check_pairs(model, pairs: PromptPairs) -> None:
+    """Raise :class:`CircuitKDError` when ``pairs`` cannot be fed to ``model``."""
+    if not isinstance(pairs, PromptPairs):
+        raise CircuitKDError(f"pairs must be a PromptPairs, got {type(pairs).__name__}")
+    if len(pairs) == 0:
+        raise CircuitKDError("pairs is empty")
+    cfg = model.cfg
+    x = pairs.clean
+    if x.is_floating_point():
+        if x.dim() != 4:
+            raise CircuitKDError(f"pixel pairs must be [batch channel height width], got {tuple(x.shape)}")
+        return
+    if x.dim() != 2:
+        raise CircuitKDError(f"token pairs must be [batch pos], got {tuple(x.shape)}")
+    n_ctx = getattr(cfg, "n_ctx", None)
+    if n_ctx and x.shape[1] > n_ctx:
+        raise CircuitKDError(f"pairs have {x.shape[1]} tokens but the model's context is {n_ctx}")
+    d_vocab = getattr(cfg, "d_vocab", None)
+    top = int(torch.maximum(pairs.clean.max(), pairs.corrupt.max()))
+    if d_vocab and top >= d_vocab:
+        raise CircuitKDError(f"pairs hold token id {top} but the model's vocabulary has {d_vocab} ids")
+
+
+@dataclass
+class BatchValues:
+    """One batch of pairs with its clean and corrupt source values and the replacement to use."""
+
+    pairs: PromptPairs
+    clean: SourceValues
+    corrupt: SourceValues
+    replacement: Tensor
+
+
+def batches(model, graph: ComponentGraph, pairs: PromptPairs, *, batch_size: int,
+            ablation: str = "corrupt", mean_values: Optional[Tensor] = None) -> Iterator[BatchValues]:
+    """Batches of ``pairs`` on the model's device with clean/corrupt source values."""
+    if ablation not in ABLATIONS:
+        raise CircuitKDError(f"unknown ablation {ablation!r}; expected one of {ABLATIONS}")
+    if batch_size < 1:
+        raise CircuitKDError(f"batch_size must be >= 1, got {batch_size}")
+    device = model_device(model)
+    if ablation == "mean" and mean_values is None:
+        mean_values = mean_source_values(model, graph, pairs, batch_size=batch_size)
+    for start in range(0, len(pairs), batch_size):
+        part = pairs[start:start + batch_size].to(device)
+        clean = source_values(model, graph, part.clean, part.attention_mask)
+        corrupt = source_values(model, graph, part.corrupt, part.attention_mask)
+        if ablation == "corrupt":
+            rep = corrupt.outputs
+        elif ablation == "mean":
+            rep = mean_values.to(device)
+        else:
+            rep = torch.zeros_like(clean.outputs[:1])
+        yield BatchValues(part, clean, corrupt, rep)
+
+
+def mean_source_values(model, graph: ComponentGraph, pairs: PromptPairs, *, batch_size: int = 32,
+                       which: str = "corrupt") -> Tensor:
+    """``[1 pos source d_model]``: each source's output averaged over the pairs' ``which`` inputs."""
+    device = model_device(model)
+    total, n = None, 0
+    for start in range(0, len(pairs), batch_size):
+        part = pairs[start:start + batch_size].to(device)
+        vals = source_values(model, graph, getattr(part, which), part.attention_mask).outputs
+        total = vals.sum(0, keepdim=True) if total is None else total + vals.sum(0, keepdim=True)
+        n += vals.shape[0]
+    return total / n
+
+
+def expand_pairs(pairs: PromptPairs, copies: int) -> PromptPairs:
+    """``pairs`` repeated ``copies`` times, copy-major (row ``k*B + b``)."""
+    if copies == 1:
+        return pairs
+    idx = torch.arange(len(pairs)).repeat(copies)
+    return pairs[idx]
+
+
+def check_graph_fits(graph: ComponentGraph, pairs: PromptPairs) -> None:
+    if graph.per_position and pairs.clean.dim() == 2 and pairs.clean.shape[1] != graph.n_pos:
+        raise CircuitKDError(f"per-position graph has {graph.n_pos} positions but pairs have {pairs.clean.shape[1]}")
