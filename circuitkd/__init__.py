@@ -14,9 +14,12 @@ from circuitkd.evaluate import evaluate
 from circuitkd.models import ModelPair, build_model, load_checkpoint, save_checkpoint
 from circuitkd.train import distill, train_model
 from circuitkd.types import Edge, Node, PromptPairs
+from circuitkd.engine import run as run_hooked
+from circuitkd.patching import attribution_patch, patch, path_patch
 
 __all__ = [
     "CircuitKDError", "Edge", "Node", "PromptPairs", "ModelSpec", "TrainCfg", "ModelPair",
     "build_model", "load_checkpoint", "save_checkpoint", "train_model", "distill", "DebiasCfg", "evaluate", "data",
 ]
+__all__ += ["run_hooked", "patch", "path_patch", "attribution_patch"]
 __version__ = "0.1.0"

@@ -1,0 +1,155 @@
+"""Head × position activation patching: circuitkd vs ``transformer_lens.patching``.
+
+Times ``get_act_patch_attn_head_out_by_pos`` (one bridge forward per head × position)
+against ``circuitkd.patch(site="head_pos")`` on the same model and inputs, in one run,
+checks the results agree, and prints the ratio and both peak memories (CUDA peak
+allocation on a GPU; on CPU the peak traced by tracemalloc is not meaningful for torch,
+so the peak resident set growth measured in a fresh subprocess per method is reported).
+It also reports attribution patching's time and its correlation with exact patching.
+
+    python benchmarks/patching.py                       # student and teacher, CPU, 1 thread
+    python benchmarks/patching.py --device cuda --n 1024 --methods fast,stacked   # on a GPU
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def build(preset: str, device: str, seed: int = 0):
+    from circuitkd import ModelSpec, build_model
+
+    return build_model(ModelSpec.preset(preset).replace(d_vocab=60, n_ctx=24, n_classes=3, seed=seed), device=device)
+
+
+def make_pairs(n: int, pos: int, seed: int = 0):
+    from circuitkd import PromptPairs
+
+    g = torch.Generator().manual_seed(seed)
+    clean = torch.randint(1, 60, (n, pos), generator=g)
+    corrupt = clean.clone()
+    corrupt[:, 2:8] = torch.randint(1, 60, (n, 6), generator=g)
+    answer = torch.randint(0, 3, (n,), generator=g)
+    return PromptPairs(clean=clean, corrupt=corrupt, clean_answer=answer, corrupt_answer=(answer + 1) % 3, position=0)
+
+
+def run_one(args) -> dict:
+    """One timed method in this process: returns seconds, peak memory and the result."""
+    torch.set_num_threads(args.threads)
+    import circuitkd as ckd
+    from circuitkd.patching import patch
+
+    model = build(args.model, args.device)
+    pairs = make_pairs(args.n, args.pos)
+    dev = torch.device(args.device)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    rss0 = _rss_mb()
+    t0 = time.perf_counter()
+    if args.method == "tl":
+        from transformer_lens import patching as tlp
+
+        p = pairs.to(dev)
+        a, b = p.clean_answer[:, None], p.corrupt_answer[:, None]
+
+        def metric(logits):
+            at = logits[:, 0]
+            return (at.gather(1, a) - at.gather(1, b)).mean()
+
+        with torch.inference_mode():
+            _, cache = model.run_with_cache(p.clean)
+            import tqdm.auto  # noqa: F401  (TL's progress bar; silenced below)
+            out = tlp.get_act_patch_attn_head_out_by_pos(model, p.corrupt, cache, metric)
+        result = out.permute(0, 2, 1)  # [layer pos head] -> [layer head pos]
+    elif args.method == "attribution":
+        result = ckd.attribution_patch(model, pairs, site="head_pos", normalise=False, batch_size=args.batch_size)
+    else:
+        result = patch(model, pairs, site="head_pos", normalise=False, method=args.method, batch_size=args.batch_size)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else _peak_rss_mb() - rss0
+    return {"seconds": seconds, "peak_mb": peak, "result": result.float().cpu().tolist()}
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _peak_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def measure(model: str, method: str, args) -> dict:
+    """Run one method in a fresh subprocess so that its peak memory is its own."""
+    cmd = [sys.executable, __file__, "--_one", "--model", model, "--method", method, "--n", str(args.n),
+           "--pos", str(args.pos), "--threads", str(args.threads), "--device", args.device,
+           "--batch-size", str(args.batch_size)]
+    env = dict(os.environ, TQDM_DISABLE="1")
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="student,teacher")
+    ap.add_argument("--methods", default="fast", help="circuitkd methods to time against TL: fast, stacked")
+    ap.add_argument("--n", type=int, default=64, help="number of clean/corrupt pairs")
+    ap.add_argument("--pos", type=int, default=24, help="tokens per input")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--repeats", type=int, default=1, help="time each method this many times, report the best")
+    ap.add_argument("--no-attribution", action="store_true")
+    # internal: run a single method
+    ap.add_argument("--_one", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--model", default="student", help=argparse.SUPPRESS)
+    ap.add_argument("--method", default="fast", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args._one:
+        print(json.dumps(run_one(args)))
+        return
+    from circuitkd.patching import correlation
+
+    print(f"head x position patching, {args.n} pairs x {args.pos} tokens, device={args.device}, "
+          f"threads={args.threads}, batch_size={args.batch_size}")
+    for model in args.models.split(","):
+        best = lambda m: min((measure(model, m, args) for _ in range(args.repeats)), key=lambda r: r["seconds"])  # noqa: E731
+        tl = best("tl")
+        tl_res = torch.tensor(tl["result"])
+        print(f"\n[{model}] transformer_lens.patching: {tl['seconds']:.2f} s, peak {tl['peak_mb']:.1f} MB "
+              f"({tl_res.numel()} patched forwards)")
+        exact = None
+        for method in args.methods.split(","):
+            r = best(method)
+            res = torch.tensor(r["result"])
+            exact = res
+            err = (res - tl_res).abs().max().item()
+            print(f"[{model}] circuitkd {method:8s}: {r['seconds']:.2f} s, peak {r['peak_mb']:.1f} MB, "
+                  f"speed-up x{tl['seconds'] / r['seconds']:.1f}, max |diff| vs TL {err:.1e}")
+        if not args.no_attribution:
+            a = measure(model, "attribution", args)
+            ares = torch.tensor(a["result"])
+            print(f"[{model}] attribution patching: {a['seconds']:.2f} s (x{tl['seconds'] / a['seconds']:.0f} vs TL), "
+                  f"Pearson r with exact patching {correlation(ares - ares.mean(), exact):.3f}")
+
+
+if __name__ == "__main__":
+    main()
