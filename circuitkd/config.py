@@ -181,3 +181,79 @@ class DebiasCfg(_Jsonable):
 
     def replace(self, **changes: Any) -> "DebiasCfg":
         return dataclasses.replace(self, **changes)
+
+
+def _tuple(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+@dataclass(frozen=True)
+class ExperimentCfg(_Jsonable):
+    """The distillability grid that ``circuitkd run`` trains and evaluates (see ``circuitkd.experiment``).
+
+    Models are preset names or dicts of :class:`ModelSpec` fields. Every teacher is trained
+    plainly and with each of ``methods``; every student is trained alone (plainly and with
+    each method), by KD from each teacher at each of ``alphas``, by debiased KD (label loss =
+    the teacher's method, ``debiased_kd_alpha``), and with each of ``fixes`` ("augment",
+    "iterative", "init") at ``fix_alpha``; all for each of ``seeds``. The training budget
+    (``teacher_steps``, ``student_steps``, ``batch_size``) is saved with every result.
+    """
+
+    name: str = "default"
+    task: str = "synthetic_nli"
+    task_args: dict = field(default_factory=dict)
+    teacher: Any = "teacher"
+    student: Any = "student"
+    assistant: Any = "assistant"
+    methods: tuple = ("reweight", "poe", "focal", "confreg")
+    seeds: tuple = (0, 1)
+    teacher_steps: int = 600
+    student_steps: int = 600
+    batch_size: int = 64
+    lr: float = 1e-3
+    temperature: float = 2.0
+    alphas: tuple = (0.0, 0.5)
+    debiased_kd_alpha: float = 0.5
+    fixes: tuple = ("augment", "iterative", "init")
+    fix_alpha: float = 0.0
+    augment_n: int = 1500
+    debias: dict = field(default_factory=dict)
+    workers: int = 2
+    threads_per_worker: int = 1
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("methods", "seeds", "alphas", "fixes"):
+            object.__setattr__(self, name, _tuple(getattr(self, name)))
+        unknown_fixes = sorted(set(self.fixes) - {"augment", "iterative", "init"})
+        if unknown_fixes:
+            raise CircuitKDError(f"unknown fix(es) {unknown_fixes}; known: ['augment', 'init', 'iterative']")
+        if "none" in self.methods:
+            raise CircuitKDError("methods lists the debiasing methods; the plain ('none') models are always trained")
+        if not self.seeds:
+            raise CircuitKDError("ExperimentCfg needs at least one seed")
+        if self.teacher_steps < 1 or self.student_steps < 1 or self.batch_size < 1:
+            raise CircuitKDError("teacher_steps, student_steps and batch_size must be positive")
+        for a in (*self.alphas, self.debiased_kd_alpha, self.fix_alpha):
+            if not 0 <= a <= 1:
+                raise CircuitKDError(f"KD weights (alpha) must be in [0, 1], got {a}")
+        if self.workers < 1 or self.threads_per_worker < 1:
+            raise CircuitKDError(f"workers and threads_per_worker must be >= 1, got {self.workers}, {self.threads_per_worker}")
+        DebiasCfg.from_dict(self.debias)
+
+    def model_spec(self, role: str) -> ModelSpec:
+        """The :class:`ModelSpec` for "teacher", "student" or "assistant"."""
+        value = getattr(self, role)
+        if isinstance(value, str):
+            return ModelSpec.preset(value)
+        if isinstance(value, dict):
+            if "preset" in value:
+                rest = {k: v for k, v in value.items() if k != "preset"}
+                return ModelSpec.preset(value["preset"], **rest)
+            return ModelSpec.from_dict(value)
+        if isinstance(value, ModelSpec):
+            return value
+        raise CircuitKDError(f"{role} must be a preset name or a dict of ModelSpec fields, got {value!r}")
+
+    def replace(self, **changes: Any) -> "ExperimentCfg":
+        return dataclasses.replace(self, **changes)
