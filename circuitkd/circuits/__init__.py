@@ -1,0 +1,105 @@
+"""Circuit discovery on teacher and student bridges: one graph type, one Circuit type, one
+signature for every method, and a registry (the auto-circuit layout).
+
+Methods (``discover(model, pairs, method=...)``):
+
+- ``"exact"``: edge patching, one edge at a time, many edges per batched forward;
+- ``"eap"``: edge attribution patching (Syed et al. 2023);
+- ``"eap-ig"``: EAP with integrated gradients over input interpolations (Hanna et al. 2024);
+- ``"acdc"``: automatic circuit discovery with a KL or metric threshold (Conmy et al. 2023).
+
+Every method is ``f(model, pairs, *, metric, graph, ablation, batch_size, **options) -> Circuit``.
+Faithfulness curves and their areas (CPR, CMD) follow MIB (Mueller et al. 2025).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Optional
+
+from circuitkd.circuits.acdc import acdc
+from circuitkd.circuits.base import ABLATIONS, check_pairs
+from circuitkd.circuits.eap import eap
+from circuitkd.circuits.eap_ig import eap_ig
+from circuitkd.circuits.exact import exact
+from circuitkd.circuits.faithfulness import MIB_FRACTIONS, FaithfulnessResult, faithfulness
+from circuitkd.circuits.forward import patched_forward, source_values
+from circuitkd.circuits.graph import Circuit, ComponentGraph
+from circuitkd.circuits.metrics import kl_from, logit_diff, resolve_metric
+from circuitkd.circuits.postln import validate_post_ln
+from circuitkd.errors import CircuitKDError
+from circuitkd.types import PromptPairs
+
+#: name -> method; every method has the signature above.
+METHODS: dict[str, Callable[..., Circuit]] = {"exact": exact, "eap": eap, "eap-ig": eap_ig, "acdc": acdc}
+_GRADIENT_METHODS = ("eap", "eap-ig")
+
+
+def register(name: str, fn: Callable[..., Circuit]) -> None:
+    """Add a circuit method under ``name`` (same signature as the built-in ones)."""
+    METHODS[name] = fn
+
+
+def build_graph(model, pairs: Optional[PromptPairs] = None, *, per_position: bool = False,
+                level: str = "edge") -> ComponentGraph:
+    """The model's :class:`ComponentGraph` (per-position graphs take their length from ``pairs``)."""
+    n_pos = None
+    if per_position:
+        if pairs is None:
+            raise CircuitKDError("a per-position graph needs pairs to read the input length from")
+        probe = ComponentGraph.from_model(model)
+        n_pos = int(source_values(model, probe, pairs.clean[:1].to(next(model.parameters()).device),
+                                  None if pairs.attention_mask is None else pairs.attention_mask[:1]
+                                  .to(next(model.parameters()).device)).outputs.shape[1])
+    return ComponentGraph.from_model(model, per_position=per_position, n_pos=n_pos, level=level)
+
+
+def discover(model, pairs: PromptPairs, method: str = "eap-ig", metric=None, *, ablation: str = "corrupt",
+             per_position: bool = False, level: str = "edge", batch_size: int = 32,
+             top_k: Optional[int] = None, threshold: Optional[float] = None,
+             check_post_ln: bool = True, **options) -> Circuit:
+    """Find a circuit in ``model`` for the behaviour ``pairs`` contrast.
+
+    ``metric(logits, pairs) -> Float[batch]`` defaults to the logit difference between
+    ``pairs.clean_answer`` and ``pairs.corrupt_answer``. ``top_k`` / ``threshold`` set the
+    circuit's mask from the scores (ACDC sets its own). On a post-LN model (BERT) edges use
+    frozen norm scales; with ``check_post_ln`` the definition is checked against real
+    patching first, and where it fails the circuit falls back to node level (with a warning
+    and ``circuit.info["note"]``).
+    """
+    if method not in METHODS:
+        raise CircuitKDError(f"unknown circuit method {method!r}; known methods: {sorted(METHODS)}")
+    if ablation not in ABLATIONS:
+        raise CircuitKDError(f"unknown ablation {ablation!r}; expected one of {ABLATIONS}")
+    check_pairs(model, pairs)
+    metric = resolve_metric(metric)
+    note = None
+    graph = build_graph(model, pairs, per_position=per_position, level=level)
+    if graph.post_ln and level == "edge" and check_post_ln:
+        report = validate_post_ln(model, pairs, metric=metric, ablation=ablation, batch_size=batch_size)
+        if not report["ok"]:
+            note = (f"post-LN edges (frozen norm scales) disagree with real patching on these pairs "
+                    f"(relative error {report['relative_error']:.2f} > {report['tolerance']}): "
+                    "falling back to a node-level circuit")
+            warnings.warn(note, stacklevel=2)
+            graph = build_graph(model, pairs, per_position=per_position, level="node")
+    if graph.level == "node" and method in _GRADIENT_METHODS:
+        note = (note + "; " if note else "") + f"{method} scores edges only: node level uses exact patching"
+        method = "exact"
+        options = {k: v for k, v in options.items() if k in ("edges_per_forward",)}
+    circuit = METHODS[method](model, pairs, metric=metric, graph=graph, ablation=ablation,
+                              batch_size=batch_size, **options)
+    if top_k is not None:
+        circuit = circuit.top_k(top_k)
+    elif threshold is not None:
+        circuit = circuit.threshold(threshold)
+    circuit.info["metric"] = getattr(metric, "__name__", type(metric).__name__)
+    if note:
+        circuit.info["note"] = note
+    return circuit
+
+
+__all__ = [
+    "ComponentGraph", "Circuit", "METHODS", "register", "discover", "build_graph", "exact", "eap", "eap_ig",
+    "acdc", "faithfulness", "FaithfulnessResult", "MIB_FRACTIONS", "validate_post_ln", "patched_forward",
+    "source_values", "logit_diff", "kl_from",
+]

@@ -1,0 +1,118 @@
+"""ACDC, automatic circuit discovery (Conmy et al. 2023), with batched candidate evaluation.
+
+Readers are visited from the output back to the first layer; for each, its incoming edges
+(latest source first) are tentatively removed from the current circuit, and a removal is
+kept when it moves the criterion by less than ``threshold``: the KL divergence of the
+circuit's read-out distribution from the full model's (``criterion="kl"``), or the drop of
+the task metric (``criterion="metric"``). ACDC is sequential (each decision is taken on the
+circuit left by the previous ones); we keep it exactly so while batching: one forward
+evaluates the *prefixes* of the candidate list (remove the first, the first two, ...), all
+accepted removals up to the first rejection are taken at once, and only after a rejection
+are the remaining prefixes re-evaluated. ``candidates_per_forward=1`` is the plain,
+one-removal-per-forward reference. Each edge's score is the criterion change measured
+when it was tried.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from circuitkd.circuits.base import batches, expand_pairs
+from circuitkd.circuits.forward import patched_forward
+from circuitkd.circuits.graph import Circuit, ComponentGraph
+from circuitkd.circuits.metrics import Metric, evaluate_metric, kl_from
+from circuitkd.errors import CircuitKDError
+from circuitkd.types import PromptPairs
+
+CRITERIA = ("kl", "metric")
+
+
+class _Evaluator:
+    """Mean criterion over all pairs for a stack of keep-masks ``[K *graph.shape]``."""
+
+    def __init__(self, model, graph, pairs, metric, criterion, ablation, batch_size, mean_values):
+        self.model, self.graph = model, graph
+        self.metric, self.criterion = metric, criterion
+        self.batches = list(batches(model, graph, pairs, batch_size=batch_size, ablation=ablation,
+                                    mean_values=mean_values))
+        self.n = len(pairs)
+        self.forwards = 0
+
+    def __call__(self, keep: torch.Tensor) -> torch.Tensor:
+        K = keep.shape[0]
+        total = torch.zeros(K, dtype=torch.float64)
+        node_level = self.graph.level == "node"
+        for bv in self.batches:
+            B = len(bv.pairs)
+            w = (~keep).float().to(bv.replacement.device)
+            with torch.no_grad():
+                if node_level:
+                    run = patched_forward(self.model, self.graph, bv.pairs.clean, bv.pairs.attention_mask,
+                                          node_ablate=w, replacement=bv.replacement)
+                else:
+                    run = patched_forward(self.model, self.graph, bv.pairs.clean, bv.pairs.attention_mask,
+                                          ablate=w, replacement=bv.replacement, norm_scales=bv.clean.norm_scales)
+            big = expand_pairs(bv.pairs, K)
+            if self.criterion == "kl":
+                value = evaluate_metric(kl_from(bv.clean.logits), run.logits, big)
+            else:
+                value = -evaluate_metric(self.metric, run.logits, big)
+            total += value.double().view(K, B).sum(1).cpu()
+            self.forwards += 1
+        return total / self.n
+
+
+def acdc(model, pairs: PromptPairs, *, metric: Metric, graph: ComponentGraph, ablation: str = "corrupt",
+         batch_size: int = 64, threshold: float = 0.01, criterion: str = "kl",
+         candidates_per_forward: int = 64, mean_values: Optional[torch.Tensor] = None) -> Circuit:
+    """The ACDC circuit at ``threshold``; ``scores`` hold each edge's criterion change when tried."""
+    if criterion not in CRITERIA:
+        raise CircuitKDError(f"unknown ACDC criterion {criterion!r}; expected one of {CRITERIA}")
+    if candidates_per_forward < 1:
+        raise CircuitKDError(f"candidates_per_forward must be >= 1, got {candidates_per_forward}")
+    evaluate = _Evaluator(model, graph, pairs, metric, criterion, ablation, batch_size, mean_values)
+    shape = graph.shape
+    node_level = graph.level == "node"
+    valid = torch.ones(shape, dtype=torch.bool) if node_level else graph.valid.expand(shape).clone()
+    keep = valid.clone()
+    scores = torch.zeros(shape)
+    current = float(evaluate(keep[None])[0])
+
+    # Candidate groups: one per reader (per reader and position on per-position graphs); node level: one group.
+    groups = []
+    if node_level:
+        cells = [tuple(c) for c in valid.nonzero().tolist()]
+        groups.append(sorted(cells, key=lambda c: c[-1], reverse=True))
+    else:
+        for r in reversed(range(graph.n_readers)):
+            sources = [s for s in reversed(range(graph.n_sources)) if bool(graph.valid[s, r])]
+            positions = range(graph.n_pos) if graph.per_position else [None]
+            for p in positions:
+                groups.append([(s, r) if p is None else (p, s, r) for s in sources])
+
+    for cand in groups:
+        while cand:
+            chunk = cand[:candidates_per_forward]
+            trial = keep.clone()
+            prefixes = []
+            for cell in chunk:
+                trial[cell] = False
+                prefixes.append(trial.clone())
+            values = evaluate(torch.stack(prefixes))
+            prev = current
+            rejected_at = None
+            for j, cell in enumerate(chunk):
+                damage = float(values[j]) - prev
+                scores[cell] = damage
+                if damage < threshold:
+                    keep[cell] = False
+                    prev = float(values[j])
+                else:
+                    rejected_at = j
+                    break
+            current = prev
+            cand = cand[(rejected_at + 1) if rejected_at is not None else len(chunk):]
+    return Circuit(graph, scores, keep, method="acdc",
+                   info={"ablation": ablation, "threshold": threshold, "criterion": criterion,
+                         "n_pairs": len(pairs), "forwards": evaluate.forwards, "final_value": current})
