@@ -259,7 +259,7 @@ def run(
     data: Any,
     *,
     sites: Iterable[Site] = (),
-    reducers: Optional[Mapping[str, Reducer]] = None,
+    reducers: Optional[Mapping[str, Any]] = None,
     batch_size: int = 64,
     grad: bool = False,
     attention_mask: Optional[Tensor] = None,
@@ -277,7 +277,8 @@ def run(
         sites: activations to keep whole, concatenated over the dataset (``RunResult.acts``).
         reducers: name -> streaming reducer (``RunResult.reduced``); memory does not grow with the data.
         grad: keep the autograd graph (no inference mode); activations stay attached
-            and ``retain_grad()`` is called on them.
+            and ``retain_grad()`` is called on them (``.grad`` fills in when the data fit one batch;
+            over several batches the concatenation is a new tensor).
         fwd_hooks: extra ``(hook_name, fn)`` hooks (e.g. edits) active during every forward.
         keep_logits: concatenate the raw outputs (``RunResult.logits``).
         acts_device: where whole activations are stored (default: the model's device).
@@ -305,7 +306,8 @@ def run(
             chunks[s].append(act if acts_device is None else act.to(acts_device))
         if keep_logits:
             logit_chunks.append(out)
-    result.acts = {s: torch.cat(c) for s, c in chunks.items()}
+    # one batch: the stored tensors themselves (so that with grad=True their .grad fills in)
+    result.acts = {s: (c[0] if len(c) == 1 else torch.cat(c)) for s, c in chunks.items()}
     if keep_logits and logit_chunks:
         result.logits = torch.cat(logit_chunks)
     result.reduced = {name: r.result() for name, r in reducers.items()}

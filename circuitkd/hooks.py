@@ -228,7 +228,10 @@ def head_output(model, layer: int, z: Float[Tensor, "batch pos head d_head"]) ->
 
     ``head_output(...).sum(2) + b_O(model, layer)`` equals the attention output.
     """
-    return torch.einsum("bphd,hdm->bphm", z, W_O(model, layer))
+    W = W_O(model, layer)
+    if torch.is_inference(z):  # an inference-mode capture used later: no graph to build
+        W = W.detach()
+    return torch.einsum("bphd,hdm->bphm", z, W)
 
 
 def attn_scale(model) -> float:
