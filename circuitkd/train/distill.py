@@ -34,11 +34,14 @@ from circuitkd.config import ModelSpec, TrainCfg
 from circuitkd.data.task import Split, Task
 from circuitkd.errors import CircuitKDError
 from circuitkd.models.build import build_model, model_device, spec_of
-from circuitkd.models.checkpoint import is_checkpoint, load_checkpoint, save_checkpoint
+from circuitkd.models.checkpoint import (
+    full_state_dict, is_checkpoint, load_checkpoint, load_full_state_dict, save_checkpoint,
+)
 from circuitkd.train.loop import Batch, LossFn, cross_entropy_loss, train_loop
 from circuitkd.train.train import objective, partial_dir
 
-_BLOCK = re.compile(r"^blocks\.(\d+)\.(.*)$")
+# The layer index in a weight name: "blocks.3." (native), "encoder.layer.3." (BERT), "layers.3." (ViT).
+_BLOCK = re.compile(r"^(|.*\.)(blocks|layer|layers)\.(\d+)\.(.*)$")
 
 
 def kd_loss(student_logits: Float[Tensor, "batch n_classes"], teacher_logits: Float[Tensor, "batch n_classes"],
@@ -103,11 +106,11 @@ def init_from_teacher(student, teacher) -> list[int]:
             f"cannot initialise a {s_spec.backbone!r} student from a {t_spec.backbone!r} teacher"
         )
     mapping = layer_map(t_spec.n_layers, s_spec.n_layers)
-    t_state = teacher.state_dict()
+    t_state = full_state_dict(teacher)
     new_state = {}
-    for key, value in student.state_dict().items():
+    for key, value in full_state_dict(student).items():
         m = _BLOCK.match(key)
-        t_key = f"blocks.{mapping[int(m.group(1))]}.{m.group(2)}" if m else key
+        t_key = f"{m.group(1)}{m.group(2)}.{mapping[int(m.group(3))]}.{m.group(4)}" if m else key
         if t_key not in t_state:
             raise CircuitKDError(f"cannot initialise student weight {key!r}: the teacher has no {t_key!r}")
         t_value = t_state[t_key]
@@ -118,7 +121,7 @@ def init_from_teacher(student, teacher) -> list[int]:
                 f"teacher's {t_key} (d_model={t_spec.d_model}, n_heads={t_spec.n_heads})"
             )
         new_state[key] = t_value.detach().clone().to(value.device, value.dtype)
-    student.load_state_dict(new_state)
+    load_full_state_dict(student, new_state)
     return mapping
 
 

@@ -129,3 +129,18 @@ def test_debiased_kd_uses_debias_loss(task, teacher):
     assert not torch.equal(predict_logits(plain, task.id_test), predict_logits(poe, task.id_test))
     with pytest.raises(CircuitKDError, match="unknown debiasing method"):
         ckd.distill(teacher, STUDENT, task, debias="nope", cfg=CFG.replace(steps=1))
+
+
+@pytest.mark.parametrize("backbone", ["bert", "vit"])
+def test_init_from_teacher_hf_backbones(backbone):
+    from circuitkd.models.checkpoint import full_state_dict
+
+    kw = dict(backbone=backbone, d_model=32, n_heads=2, n_classes=2, d_vocab=20, n_ctx=12, image_size=14, patch_size=7)
+    teacher = ckd.build_model(ModelSpec(n_layers=4, seed=1, **kw), device="cpu")
+    student = ckd.build_model(ModelSpec(n_layers=2, seed=2, **kw), device="cpu")
+    init_from_teacher(student, teacher)
+    t, s = full_state_dict(teacher), full_state_dict(student)
+    layer = "layer" if backbone == "bert" else "layers"
+    for key in s:
+        src = key.replace(f"{layer}.1.", f"{layer}.2.")
+        assert torch.equal(s[key], t[src]), key
