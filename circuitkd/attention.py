@@ -452,7 +452,7 @@ def attention_stats(model, task_or_split: Task | Split, *, split: str = "ood_tes
 # ============================================================================ similarity and CKA
 
 
-def linear_cka(x: Float[Tensor, "n d_x"], y: Float[Tensor, "n d_y"]) -> float:
+def linear_cka(x: Float[Tensor, "n_x d_x"], y: Float[Tensor, "n_y d_y"]) -> float:
     """Linear CKA of two representations of the same ``n`` examples (Kornblith et al. 2019).
 
     ``||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)`` with column-centred ``Xc``, ``Yc``:
