@@ -25,6 +25,7 @@ from circuitkd.circuits.faithfulness import MIB_FRACTIONS, FaithfulnessResult, f
 from circuitkd.circuits.forward import patched_forward, source_values
 from circuitkd.circuits.graph import Circuit, ComponentGraph
 from circuitkd.circuits.metrics import kl_from, logit_diff, resolve_metric
+from circuitkd.circuits import postln
 from circuitkd.circuits.postln import validate_post_ln
 from circuitkd.errors import CircuitKDError
 from circuitkd.types import PromptPairs
@@ -56,7 +57,7 @@ def build_graph(model, pairs: Optional[PromptPairs] = None, *, per_position: boo
 def discover(model, pairs: PromptPairs, method: str = "eap-ig", metric=None, *, ablation: str = "corrupt",
              per_position: bool = False, level: str = "edge", batch_size: int = 32,
              top_k: Optional[int] = None, threshold: Optional[float] = None,
-             check_post_ln: bool = True, **options) -> Circuit:
+             check_post_ln: bool = True, post_ln_tolerance: float = 0.25, **options) -> Circuit:
     """Find a circuit in ``model`` for the behaviour ``pairs`` contrast.
 
     ``metric(logits, pairs) -> Float[batch]`` defaults to the logit difference between
@@ -75,7 +76,8 @@ def discover(model, pairs: PromptPairs, method: str = "eap-ig", metric=None, *, 
     note = None
     graph = build_graph(model, pairs, per_position=per_position, level=level)
     if graph.post_ln and level == "edge" and check_post_ln:
-        report = validate_post_ln(model, pairs, metric=metric, ablation=ablation, batch_size=batch_size)
+        report = validate_post_ln(model, pairs, metric=metric, ablation=ablation, batch_size=batch_size,
+                                  tolerance=post_ln_tolerance)
         if not report["ok"]:
             note = (f"post-LN edges (frozen norm scales) disagree with real patching on these pairs "
                     f"(relative error {report['relative_error']:.2f} > {report['tolerance']}): "

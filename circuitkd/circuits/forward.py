@@ -132,7 +132,8 @@ class _EdgeForward:
             return None
         s_avail = self.D.shape[2]
         w = self.ablate[..., :s_avail, readers]
-        return w if bool((w != 0).any()) else None
+        # a zero weight that carries a gradient (a naive per-edge derivative) still takes the patched path
+        return w if (w.requires_grad or bool((w != 0).any())) else None
 
     def _delta(self, w: Tensor) -> Tensor:
         K, B = self.K, self.B
