@@ -207,8 +207,8 @@ class ExperimentCfg(_Jsonable):
     assistant: Any = "assistant"
     methods: tuple = ("reweight", "poe", "focal", "confreg")
     seeds: tuple = (0, 1)
-    teacher_steps: int = 600
-    student_steps: int = 600
+    teacher_steps: int = 300
+    student_steps: int = 250
     batch_size: int = 64
     lr: float = 1e-3
     temperature: float = 2.0

@@ -37,7 +37,7 @@ from circuitkd.models.build import build_model, model_device, spec_of
 from circuitkd.models.checkpoint import (
     full_state_dict, is_checkpoint, load_checkpoint, load_full_state_dict, save_checkpoint,
 )
-from circuitkd.train.loop import Batch, LossFn, cross_entropy_loss, train_loop
+from circuitkd.train.loop import Batch, LossFn, cross_entropy_loss, is_main_process, train_loop
 from circuitkd.train.train import objective, partial_dir
 
 # The layer index in a weight name: "blocks.3." (native), "encoder.layer.3." (BERT), "layers.3." (ViT).
@@ -219,7 +219,7 @@ def _distill_stage(teacher, spec: ModelSpec, task: Task, split: Split, *, temper
                "layer_map": mapping, **info},
         "seed": seed, "train_cfg": cfg.to_dict(), "seconds": result.seconds, "final_loss": result.losses[-1],
     }
-    if checkpoint is not None:
+    if checkpoint is not None and is_main_process():
         save_checkpoint(student, checkpoint, config={"task": task.name, **student.circuitkd_train},
                         tokenizer=task.tokenizer)
         shutil.rmtree(resume, ignore_errors=True)

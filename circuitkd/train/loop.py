@@ -3,9 +3,17 @@
 Batches are drawn from a seeded generator, so a run is deterministic on CPU, and the
 loop can resume from its last checkpoint (weights, optimiser, schedule, sampler state)
 after an interruption. A non-finite loss stops it with a clear error.
+
+Launched by ``torchrun`` (``WORLD_SIZE`` > 1), the loop trains data-parallel with PyTorch's
+``DistributedDataParallel`` (gloo on CPU, NCCL on GPUs): every rank draws the same global
+batch from the seeded sampler and takes an equal contiguous shard of it, and DDP averages
+the gradients, so for losses that are means over examples (cross-entropy, KD, PoE, focal,
+JTT) a run on N processes takes the same steps as a run on one. Only rank 0 writes
+checkpoints.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -100,6 +108,46 @@ class BatchSampler:
         self._perm = self._permutation(self.epoch)
 
 
+def init_distributed() -> tuple[int, int]:
+    """``(rank, world_size)``: ``(0, 1)`` unless launched by ``torchrun``, whose process group it joins.
+
+    The backend is NCCL when CUDA is available (each rank on GPU ``LOCAL_RANK``), else gloo.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return 0, 1
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def is_main_process() -> bool:
+    """True on rank 0 of a ``torchrun`` job, and in every single-process run."""
+    return init_distributed()[0] == 0
+
+
+def _ddp_class():
+    from torch.nn.parallel import DistributedDataParallel
+
+    class _DDP(DistributedDataParallel):
+        # Losses read the bridge's attributes (its spec, its unembed for learned-mixin): forward them.
+        def __getattr__(self, name: str):
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(self.module, name)
+
+    return _DDP
+
+
 def make_batch(split: Split, idx: Tensor, device: torch.device) -> Batch:
     inputs = split.inputs[idx]
     mask = None if split.attention_mask is None else split.attention_mask[idx]
@@ -162,30 +210,59 @@ def train_loop(model, split: Split, cfg: TrainCfg, *, loss_fn: LossFn = cross_en
         result.losses = list(state["losses"])
         start = result.resumed_from = int(state["step"])
 
+    rank, world = init_distributed()
+    forward_model = model
+    extra_params: list[torch.nn.Parameter] = []
+    if world > 1:
+        import torch.distributed as dist
+
+        if cfg.batch_size % world:
+            raise CircuitKDError(
+                f"batch_size={cfg.batch_size} does not split evenly over {world} processes; "
+                f"use a multiple of {world}"
+            )
+        own = {id(p) for p in model.parameters()}
+        extra_params = [p for p in params if id(p) not in own]
+        forward_model = _ddp_class()(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                     find_unused_parameters=True)
+
     model.train()
     t0 = time.perf_counter()
     bar = tqdm(range(start, cfg.steps), desc=desc, disable=not cfg.progress, leave=False,
                initial=start, total=cfg.steps, dynamic_ncols=True)
     try:
         for step in bar:
-            batch = make_batch(split, sampler.next(), device)
-            loss = loss_fn(model, batch, step)
-            if not torch.isfinite(loss):
+            idx = sampler.next()
+            if world > 1:
+                idx = idx.chunk(world)[rank]
+            batch = make_batch(split, idx, device)
+            loss = loss_fn(forward_model, batch, step)
+            logged = loss.detach().clone()
+            if world > 1:
+                dist.all_reduce(logged)
+                logged /= world
+            if not torch.isfinite(logged):
                 raise CircuitKDError(
-                    f"loss is {loss.item()} at step {step} of {desc!r}: training diverged "
+                    f"loss is {logged.item()} at step {step} of {desc!r}: training diverged "
                     f"(lr={cfg.lr}); lower the learning rate or check the inputs"
                 )
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            for p in extra_params:
+                # Parameters outside the model (a learned-mixin gate) are not DDP's: average them here.
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
             sched.step()
-            result.losses.append(float(loss.detach()))
+            result.losses.append(float(logged))
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{result.losses[-1]:.3f}")
             done = step + 1
-            if resume_path is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
+            if (resume_path is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0
+                    and done < cfg.steps and rank == 0):
                 save_checkpoint(model, resume_path, extra_state={
                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "sampler": sampler.state(),
                     "step": done, "losses": result.losses, "train_cfg": cfg.to_dict(),

@@ -12,7 +12,7 @@ from circuitkd.data.task import Task
 from circuitkd.errors import CircuitKDError
 from circuitkd.models.build import build_model
 from circuitkd.models.checkpoint import is_checkpoint, load_checkpoint, save_checkpoint
-from circuitkd.train.loop import LossFn, TrainResult, cross_entropy_loss, train_loop
+from circuitkd.train.loop import LossFn, TrainResult, cross_entropy_loss, is_main_process, train_loop
 
 
 def partial_dir(checkpoint: str | Path) -> Path:
@@ -64,7 +64,7 @@ def train_model(spec: ModelSpec, task: Task, *, debias: str = "none", seed: int 
                         params=list(model.parameters()) + list(extra))
     model.circuitkd_train = {"debias": debias, "seed": seed, "train_cfg": cfg.to_dict(),
                              "seconds": result.seconds, "final_loss": result.losses[-1]}
-    if checkpoint is not None:
+    if checkpoint is not None and is_main_process():
         save_checkpoint(model, checkpoint, config={"task": task.name, **model.circuitkd_train},
                         tokenizer=task.tokenizer)
         shutil.rmtree(resume, ignore_errors=True)
