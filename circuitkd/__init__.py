@@ -22,4 +22,7 @@ __all__ = [
     "build_model", "load_checkpoint", "save_checkpoint", "train_model", "distill", "DebiasCfg", "evaluate", "data",
 ]
 __all__ += ["run_hooked", "patch", "path_patch", "attribution_patch"]
+from circuitkd.attention import AttentionDiff, AttentionStats, ShortcutHeads, attention_stats, diff_attention, shortcut_heads
+
+__all__ += ["diff_attention", "attention_stats", "shortcut_heads", "AttentionDiff", "AttentionStats", "ShortcutHeads"]
 __version__ = "0.1.0"
