@@ -91,22 +91,23 @@ def shortcut_heatmaps(diff: AttentionDiff, cls: str = SHORTCUT, *, source: str =
     finite = [abs(v) for row in change for v in row if v is not None]
     span = max(finite) if finite else 1.0
     vmax = float(max(t.nan_to_num(0).max(), s.nan_to_num(0).max(), 1e-9))
-    fig = make_subplots(rows=1, cols=3, horizontal_spacing=0.08, subplot_titles=(
+    fig = make_subplots(rows=1, cols=3, horizontal_spacing=0.12, subplot_titles=(
         "teacher", "student", "student − matched teacher"))
+    bar_x = fig.layout.xaxis2.domain[1] + 0.01  # the shared attention scale sits right of the student panel
     what = "from CLS" if source == "read" else "from every position"
     for col, table in ((1, t), (2, s)):
         fig.add_trace(go.Heatmap(
             z=table.tolist(), zmin=0, zmax=vmax, colorscale="Viridis", showscale=col == 2,
-            colorbar=dict(title="mass", x=0.62),
+            colorbar=dict(title="mass", x=bar_x, len=0.9),
             hovertemplate="head %{y}.%{x}<br>attention %{z:.3f}<extra></extra>"), row=1, col=col)
     fig.add_trace(go.Heatmap(
         z=change, customdata=partner, zmid=0, zmin=-span, zmax=span, colorscale="RdBu_r",
-        colorbar=dict(title="Δ", x=1.0),
+        colorbar=dict(title="Δ", x=1.01, len=0.9),
         hovertemplate="student %{y}.%{x} vs teacher %{customdata}<br>Δ %{z:+.3f}<extra></extra>"), row=1, col=3)
     for col in (1, 2, 3):
         fig.update_xaxes(title_text="head", dtick=1, row=1, col=col)
         fig.update_yaxes(title_text="layer" if col == 1 else None, dtick=1, autorange="reversed", row=1, col=col)
-    fig.update_layout(title=f"Attention to {cls} tokens {what} (matching: {diff.matching_method})",
+    fig.update_layout(title=f"Attention to {cls} tokens {what}<br><sup>matching: {diff.matching_method}</sup>",
                       height=380, width=1100)
     return fig
 
@@ -146,8 +147,8 @@ def matching_figure(diff: AttentionDiff) -> go.Figure:
             hovertemplate=f"{who} %{{text}}<br>shortcut attention %{{marker.color:.3f}}<extra></extra>"))
     fig.update_xaxes(range=[-0.4, 1.4], tickvals=[0, 1], ticktext=["teacher", "student"], showgrid=False)
     fig.update_yaxes(visible=False, range=[-0.08, 1.08])
-    fig.update_layout(title=f"Head matching: {diff.matching_method}, by "
-                            f"{'1 − JS/ln2' if diff.similarity_kind == 'js' else 'pattern correlation'}",
+    fig.update_layout(title=f"Head matching by {'1 − JS/ln2' if diff.similarity_kind == 'js' else 'pattern correlation'}"
+                            f"<br><sup>{diff.matching_method}</sup>",
                       height=max(420, 22 * max(n_t, n_s)), width=700, showlegend=False)
     return fig
 
