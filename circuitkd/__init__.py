@@ -25,4 +25,8 @@ __all__ += ["run_hooked", "patch", "path_patch", "attribution_patch"]
 from circuitkd.attention import AttentionDiff, AttentionStats, ShortcutHeads, attention_stats, diff_attention, shortcut_heads
 
 __all__ += ["diff_attention", "attention_stats", "shortcut_heads", "AttentionDiff", "AttentionStats", "ShortcutHeads"]
+from circuitkd import circuits
+from circuitkd.circuits import compare_circuits, discover
+
+__all__ += ["circuits", "discover", "compare_circuits"]
 __version__ = "0.1.0"

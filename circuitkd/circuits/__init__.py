@@ -18,6 +18,7 @@ from typing import Callable, Optional
 
 from circuitkd.circuits.acdc import acdc
 from circuitkd.circuits.base import ABLATIONS, check_pairs
+from circuitkd.circuits.compare import CircuitComparison, compare_circuits
 from circuitkd.circuits.eap import eap
 from circuitkd.circuits.eap_ig import eap_ig
 from circuitkd.circuits.exact import exact
@@ -103,5 +104,5 @@ def discover(model, pairs: PromptPairs, method: str = "eap-ig", metric=None, *, 
 __all__ = [
     "ComponentGraph", "Circuit", "METHODS", "register", "discover", "build_graph", "exact", "eap", "eap_ig",
     "acdc", "faithfulness", "FaithfulnessResult", "MIB_FRACTIONS", "validate_post_ln", "patched_forward",
-    "source_values", "logit_diff", "kl_from",
+    "source_values", "logit_diff", "kl_from", "compare_circuits", "CircuitComparison",
 ]

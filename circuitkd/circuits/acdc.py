@@ -65,7 +65,7 @@ class _Evaluator:
 
 def acdc(model, pairs: PromptPairs, *, metric: Metric, graph: ComponentGraph, ablation: str = "corrupt",
          batch_size: int = 64, threshold: float = 0.01, criterion: str = "kl",
-         candidates_per_forward: int = 64, mean_values: Optional[torch.Tensor] = None) -> Circuit:
+         candidates_per_forward: int = 4, mean_values: Optional[torch.Tensor] = None) -> Circuit:
     """The ACDC circuit at ``threshold``; ``scores`` hold each edge's criterion change when tried."""
     if criterion not in CRITERIA:
         raise CircuitKDError(f"unknown ACDC criterion {criterion!r}; expected one of {CRITERIA}")

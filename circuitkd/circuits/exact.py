@@ -21,7 +21,7 @@ from circuitkd.types import PromptPairs
 
 
 def exact(model, pairs: PromptPairs, *, metric: Metric, graph: ComponentGraph, ablation: str = "corrupt",
-          batch_size: int = 32, edges_per_forward: int = 64, mean_values: Optional[torch.Tensor] = None) -> Circuit:
+          batch_size: int = 32, edges_per_forward: int = 8, mean_values: Optional[torch.Tensor] = None) -> Circuit:
     """Score every edge (node, at node level) by patching it alone; batched over edges."""
     if edges_per_forward < 1:
         raise CircuitKDError(f"edges_per_forward must be >= 1, got {edges_per_forward}")
