@@ -708,7 +708,8 @@ class ShortcutHeads:
             restores (``circuitkd.patching.patch``, KL metric, denoising).
         base_logit_diff / base_acc: the unablated model on the conflicting examples.
         ranking: every head, most shortcut attention first: ``(layer, head, attention, Δlogit-diff, confirmed)``.
-        min_effect: the threshold on ``|Δlogit-diff|`` (or the patching fraction) that confirms a head.
+        min_effect: the threshold on ``|Δlogit-diff|`` (or the patching fraction) that confirms one of
+            the ``k`` heads with the most shortcut attention.
     """
 
     attention: Tensor
@@ -720,6 +721,7 @@ class ShortcutHeads:
     n_conflicting: int
     ranking: list[tuple[int, int, float, float, bool]]
     min_effect: float
+    k: int = 5
     shortcut: tuple[str, ...] = ()
 
     @property
@@ -743,7 +745,8 @@ class ShortcutHeads:
             "ablation_acc": self.ablation_acc.tolist(),
             "patching": None if self.patching is None else self.patching.tolist(),
             "base_logit_diff": self.base_logit_diff, "base_acc": self.base_acc, "n_conflicting": self.n_conflicting,
-            "ranking": [list(r) for r in self.ranking], "min_effect": self.min_effect, "shortcut": list(self.shortcut),
+            "ranking": [list(r) for r in self.ranking], "min_effect": self.min_effect, "k": self.k,
+            "shortcut": list(self.shortcut),
             "confirmed": [head_name(*h) for h in self.heads],
         }
 
@@ -774,12 +777,15 @@ def shortcut_heads(model, task: Task | Split, *, split: str = "ood_test", n: Opt
     ``n`` examples) on the bias-conflicting ones, every head at once as stacked copies;
     "patching" also runs :func:`circuitkd.patching.patch` on counterfactual shortcut pairs
     (``pairs`` or ``task.counterfactual_pairs(n_pairs, flip="shortcut")``); "auto" adds
-    patching when pairs are available. A head is confirmed when ``|Δlogit-diff| >=
-    min_effect`` or its patching fraction ``>= min_effect``.
+    patching when pairs are available.
+
+    A shortcut head must both attend to shortcut tokens and matter: only the ``k`` heads with
+    the most shortcut attention are candidates, and a candidate is confirmed when ``|Δlogit-diff|
+    >= min_effect`` or its patching fraction is ``>= min_effect``.
 
     Returns:
-        :class:`ShortcutHeads` (``.heads``: confirmed heads; ``.ranking``: all heads; ``k``
-        only limits :meth:`ShortcutHeads.summary` via the ``ranking`` order).
+        :class:`ShortcutHeads` (``.heads``: confirmed heads; ``.ranking``: every head, most
+        shortcut attention first, with its effect).
     """
     if confirm not in ("auto", "ablation", "patching"):
         raise CircuitKDError(f"confirm must be 'auto', 'ablation' or 'patching', got {confirm!r}")
@@ -792,7 +798,8 @@ def shortcut_heads(model, task: Task | Split, *, split: str = "ood_test", n: Opt
     n_conf = int(conflicting.sum())
     if n_conf == 0:
         raise CircuitKDError(f"no bias-conflicting examples for shortcut classes {list(data.shortcut)} "
-                             f"in split {data.split_name!r}")
+                             f"in split {data.split_name!r}: cannot confirm shortcut heads causally "
+                             "(diff_attention(..., confirm=False) skips it)")
     sp = data.split
     means = mean_z(model, sp.inputs, sp.attention_mask, batch_size=batch_size)
     conf = sp.subset(conflicting)
@@ -817,13 +824,14 @@ def shortcut_heads(model, task: Task | Split, *, split: str = "ood_test", n: Opt
         patching = patch(model, pairs, site="head", metric="kl", direction="denoise", batch_size=batch_size)
         patching = patching.float().cpu()
     ranking = []
-    for layer, head, att in _top(attention, L * H):
+    for rank, (layer, head, att) in enumerate(_top(attention, L * H)):
         eff = float(d_ld[layer, head])
-        ok = abs(eff) >= min_effect or (patching is not None and float(patching[layer, head]) >= min_effect)
+        causal = abs(eff) >= min_effect or (patching is not None and float(patching[layer, head]) >= min_effect)
+        ok = rank < k and causal
         ranking.append((layer, head, float(attention[layer, head]), eff, bool(ok)))
     return ShortcutHeads(attention=attention, ablation_logit_diff=d_ld, ablation_acc=d_acc, patching=patching,
                          base_logit_diff=float(ld[0].mean()), base_acc=float(acc[0].mean()), n_conflicting=n_conf,
-                         ranking=ranking, min_effect=min_effect, shortcut=data.shortcut)
+                         ranking=ranking, min_effect=min_effect, k=k, shortcut=data.shortcut)
 
 
 # ============================================================================ teacher vs student
@@ -904,8 +912,8 @@ class AttentionDiff:
                              f"mean over heads {float(st.from_read[cls].nanmean()):.3f}")
             if heads is not None:
                 conf = ", ".join(f"{head_name(la, h)} Δlogit-diff {e:+.3f}" for la, h, _, e, ok in heads.ranking if ok)
-                lines.append(f"  {name} confirmed by ablation on {heads.n_conflicting} bias-conflicting examples: "
-                             f"{conf or 'none'} (|Δ| >= {heads.min_effect})")
+                lines.append(f"  {name} confirmed by ablation on {heads.n_conflicting} bias-conflicting examples "
+                             f"(top {heads.k} by attention, |Δ| >= {heads.min_effect}): {conf or 'none'}")
         ts, ss = t.shortcut_attention(), s.shortcut_attention()
         t_mean, s_mean = float(ts.nanmean()), float(ss.nanmean())
         t_max, s_max = float(ts.nan_to_num(-1).max()), float(ss.nan_to_num(-1).max())

@@ -322,6 +322,8 @@ def test_shortcut_heads_rank_by_attention_and_confirm_by_ablation():
     assert len(res.heads) == 4  # min_effect=0 confirms every head
     strict = A.shortcut_heads(model, task, n=None, min_effect=1e9, confirm="ablation")
     assert strict.heads == []
+    top2 = A.shortcut_heads(model, task, n=None, min_effect=0.0, k=2, confirm="ablation")
+    assert top2.heads == [(r[0], r[1]) for r in res.ranking[:2]]  # only high-attention heads are candidates
     assert any("0." in line or "1." in line for line in res.summary())
     json.dumps(res.to_dict())
 
