@@ -8,7 +8,8 @@ the task metric (``criterion="metric"``). ACDC is sequential (each decision is t
 circuit left by the previous ones); we keep it exactly so while batching: one forward
 evaluates the *prefixes* of the candidate list (remove the first, the first two, ...), all
 accepted removals up to the first rejection are taken at once, and only after a rejection
-are the remaining prefixes re-evaluated. ``candidates_per_forward=1`` is the plain,
+are the remaining prefixes re-evaluated (the batch doubles while removals are accepted and
+resets to one candidate after a rejection, which wastes no evaluation on a rejected prefix). ``candidates_per_forward=1`` is the plain,
 one-removal-per-forward reference. Each edge's score is the criterion change measured
 when it was tried.
 """
@@ -65,7 +66,7 @@ class _Evaluator:
 
 def acdc(model, pairs: PromptPairs, *, metric: Metric, graph: ComponentGraph, ablation: str = "corrupt",
          batch_size: int = 64, threshold: float = 0.01, criterion: str = "kl",
-         candidates_per_forward: int = 4, mean_values: Optional[torch.Tensor] = None) -> Circuit:
+         candidates_per_forward: int = 32, mean_values: Optional[torch.Tensor] = None) -> Circuit:
     """The ACDC circuit at ``threshold``; ``scores`` hold each edge's criterion change when tried."""
     if criterion not in CRITERIA:
         raise CircuitKDError(f"unknown ACDC criterion {criterion!r}; expected one of {CRITERIA}")
@@ -92,8 +93,11 @@ def acdc(model, pairs: PromptPairs, *, metric: Metric, graph: ComponentGraph, ab
                 groups.append([(s, r) if p is None else (p, s, r) for s in sources])
 
     for cand in groups:
+        # Adaptive batch: a rejection wastes the prefixes after it, so grow the batch while removals
+        # are accepted and fall back to one candidate after a rejection.
+        width = 1
         while cand:
-            chunk = cand[:candidates_per_forward]
+            chunk = cand[:width]
             trial = keep.clone()
             prefixes = []
             for cell in chunk:
@@ -113,6 +117,7 @@ def acdc(model, pairs: PromptPairs, *, metric: Metric, graph: ComponentGraph, ab
                     break
             current = prev
             cand = cand[(rejected_at + 1) if rejected_at is not None else len(chunk):]
+            width = 1 if rejected_at is not None else min(candidates_per_forward, 2 * width)
     return Circuit(graph, scores, keep, method="acdc",
                    info={"ablation": ablation, "threshold": threshold, "criterion": criterion,
                          "n_pairs": len(pairs), "forwards": evaluate.forwards, "final_value": current})
