@@ -112,6 +112,16 @@ def attach_spec(model, spec: ModelSpec):
     return model
 
 
+def init_seed(spec: ModelSpec) -> int:
+    """The weight-initialisation seed: ``spec.seed`` mixed with the architecture.
+
+    Without the mix, a 2-layer student and a 4-layer teacher of one width built with the
+    same seed would start from identical first layers, and a student "trained alone" would
+    secretly share the teacher's initialisation.
+    """
+    return (spec.seed * 1_000_003 + spec.n_layers * 10_007 + spec.d_model * 101 + spec.n_heads) % (2**31 - 1)
+
+
 def _build_native(spec: ModelSpec, device: torch.device, dtype: Optional[torch.dtype]):
     from transformer_lens.config import TransformerBridgeConfig
 
@@ -130,7 +140,7 @@ def _build_native(spec: ModelSpec, device: torch.device, dtype: Optional[torch.d
         act_fn=spec.act_fn,
         normalization_type="LN",
         attn_only=spec.attn_only,
-        seed=spec.seed,
+        seed=init_seed(spec),
     )
     return TransformerBridge.boot_native(cfg, device=device, dtype=dtype)
 
@@ -180,7 +190,7 @@ def _build_bert(spec: ModelSpec, device: torch.device, dtype: Optional[torch.dty
             hidden_act="gelu" if spec.act_fn == "gelu" else spec.act_fn,
         )
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(spec.seed)
+            torch.manual_seed(init_seed(spec))
             hf = BertForSequenceClassification(hc)
     hf = hf.to(device=device, dtype=dtype) if dtype is not None else hf.to(device)
     bridge = build_bridge_from_module(hf, "BertForMaskedLM", hf_config=hc, post_adapter_hook=_bert_post_adapter)
@@ -216,7 +226,7 @@ def _build_vit(spec: ModelSpec, device: torch.device, dtype: Optional[torch.dtyp
             hidden_dropout_prob=spec.dropout, attention_probs_dropout_prob=spec.dropout,
         )
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(spec.seed)
+            torch.manual_seed(init_seed(spec))
             hf = ViTForImageClassification(vc)
     hf = hf.to(device=device, dtype=dtype) if dtype is not None else hf.to(device)
     bridge = build_bridge_from_module(hf, "ViTForImageClassification", hf_config=vc)

@@ -72,3 +72,12 @@ def test_pretrained_bert_from_a_local_folder(tmp_path):
     assert torch.allclose(class_logits(model, x), expected, atol=1e-5)
     with pytest.raises(CircuitKDError, match="not found"):
         build_model(ModelSpec(backbone="bert", pretrained=str(tmp_path / "missing")))
+
+
+def test_teacher_and_student_of_one_seed_do_not_share_their_first_layers():
+    common = dict(d_vocab=30, n_ctx=12, n_classes=3)
+    teacher = build_model(ModelSpec.preset("teacher", **common))
+    student = build_model(ModelSpec.preset("student", **common))
+    t_w = teacher.state_dict()["blocks.0.attn.q.weight"]
+    s_w = student.state_dict()["blocks.0.attn.q.weight"]
+    assert t_w.shape == s_w.shape and not torch.allclose(t_w, s_w)
