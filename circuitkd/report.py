@@ -1,0 +1,225 @@
+"""A self-contained HTML report of a run: results tables, findings in words, and every figure.
+
+The page embeds plotly.js once (no network needed to open it) and each figure as a
+plotly div; the robustness figures are rebuilt from ``results.json`` and the analysis
+figures read from ``analysis/figures/*.json``, so the report can be regenerated from the
+run folder alone (``circuitkd report RUN``).
+"""
+from __future__ import annotations
+
+import html
+import json
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+from circuitkd.errors import CircuitKDError
+
+REPORT = "report.html"
+
+#: The analysis figures of each teacher/student comparison, in reading order.
+FIGURE_ORDER = ("head_patching", "attention_heatmaps", "patterns", "matching", "cka", "circuit_difference",
+                "circuit_teacher", "circuit_student", "faithfulness")
+
+_CSS = """
+body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1150px;
+       color: #222; line-height: 1.45; padding: 0 1em; }
+h1 { border-bottom: 2px solid #4c72b0; padding-bottom: .2em; }
+h2 { margin-top: 2em; border-bottom: 1px solid #ccc; }
+table { border-collapse: collapse; margin: .8em 0; font-size: 0.88em; }
+th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: right; }
+th { background: #f3f5f9; }
+td:first-child, td:nth-child(2), th:first-child { text-align: left; }
+.findings li { margin: .25em 0; }
+.figure { margin: 1em 0; }
+.meta { color: #666; font-size: 0.9em; }
+code { background: #f4f4f4; padding: 1px 4px; border-radius: 3px; }
+nav a { margin-right: 1em; }
+"""
+
+
+def markdown_to_html(text: str) -> str:
+    """The small markdown subset ``summary.md`` uses: headings, pipe tables, paragraphs, emphasis, code."""
+    out: list[str] = []
+    lines = text.splitlines()
+    i = 0
+
+    def inline(s: str) -> str:
+        s = html.escape(s)
+        s = re.sub(r"`([^`]+)`", r"<code>\1</code>", s)
+        s = re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", s)
+        return re.sub(r"\*([^*]+)\*", r"<i>\1</i>", s)
+
+    while i < len(lines):
+        line = lines[i].rstrip()
+        if not line:
+            i += 1
+            continue
+        heading = re.match(r"^(#{1,6})\s+(.*)$", line)
+        if heading:
+            level = min(6, len(heading.group(1)) + 1)  # the page's own h1 is the title
+            out.append(f"<h{level}>{inline(heading.group(2))}</h{level}>")
+            i += 1
+            continue
+        if line.startswith("|"):
+            rows = []
+            while i < len(lines) and lines[i].startswith("|"):
+                cells = [c.strip() for c in lines[i].strip().strip("|").split("|")]
+                if not all(re.fullmatch(r":?-{3,}:?", c) for c in cells):
+                    rows.append(cells)
+                i += 1
+            if rows:
+                head = "".join(f"<th>{inline(c)}</th>" for c in rows[0])
+                body = "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>" for r in rows[1:])
+                out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+            continue
+        if line.startswith(("- ", "* ")):
+            items = []
+            while i < len(lines) and lines[i].startswith(("- ", "* ")):
+                items.append(f"<li>{inline(lines[i][2:])}</li>")
+                i += 1
+            out.append("<ul>" + "".join(items) + "</ul>")
+            continue
+        para = [line]
+        i += 1
+        while i < len(lines) and lines[i].strip() and not lines[i].startswith(("#", "|", "- ", "* ")):
+            para.append(lines[i].rstrip())
+            i += 1
+        out.append(f"<p>{inline(' '.join(para))}</p>")
+    return "\n".join(out)
+
+
+def _figure_html(fig, div_id: str) -> str:
+    # "fig-" keeps figure ids apart from the section anchors plotly would otherwise draw into.
+    return fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"fig-{div_id}",
+                       config={"displaylogo": False, "responsive": True})
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9_-]+", "-", text).strip("-").lower()
+
+
+def paper_findings(results: dict[str, Any], analysis: Optional[dict[str, Any]] = None) -> list[str]:
+    """Whether the paper's findings hold in this run, one sentence each, from the summary numbers."""
+    import statistics
+
+    summary = results.get("summary", {})
+    lines: list[str] = []
+    mean = lambda xs: statistics.fmean(xs) if xs else float("nan")  # noqa: E731
+    dist = summary.get("distillability", {})
+    if dist:
+        alpha = sorted(dist, key=float)[0]
+        kept = {m: d["ood_acc"] for m, d in dist[alpha].items()}
+        parts = [f"{m}: teacher {100 * mean(e['teacher_gain']):+.1f} → student {100 * mean(e['student_gain']):+.1f} pts"
+                 for m, e in kept.items()]
+        undermined = [m for m, e in kept.items()
+                      if mean(e["teacher_gain"]) > 0 and mean(e["student_gain"]) < mean(e["teacher_gain"])]
+        gained = [m for m, e in kept.items() if mean(e["teacher_gain"]) > 0]
+        verdict = (f"holds for {len(undermined)} of the {len(gained)} methods whose teacher gained OOD accuracy"
+                   if gained else "cannot be judged: no debiased teacher gained OOD accuracy over the plain one")
+        lines.append(f"Debiasing undermined after KD (α={alpha}): {verdict}. OOD gain over plain — " + "; ".join(parts) + ".")
+    contrib = summary.get("kd_contribution", {})
+    debiased = {m: d for m, d in contrib.items() if not m.startswith("none")}
+    if debiased:
+        parts = [f"{m} {100 * mean(d['ood_acc']):+.1f}" for m, d in debiased.items()]
+        small = sum(abs(mean(d["ood_acc"])) < 0.02 or mean(d["ood_acc"]) < 0 for d in debiased.values())
+        lines.append(f"KD adds little to a debiased student: holds for {small} of {len(debiased)} methods "
+                     f"(debiased KD − debiased student alone, OOD points: {', '.join(parts)}).")
+    if dist:
+        alpha = sorted(dist, key=float)[0]
+        spreads = []
+        for m, d in dist[alpha].items():
+            per_bias = {k[len('ood_acc['):-1]: mean(v["student_gain"]) for k, v in d.items() if k.startswith("ood_acc[")}
+            if per_bias:
+                spreads.append((m, max(per_bias.values()) - min(per_bias.values()), per_bias))
+        if spreads:
+            m, spread, per_bias = max(spreads, key=lambda t: t[1])
+            detail = ", ".join(f"{b} {100 * v:+.1f}" for b, v in per_bias.items())
+            lines.append(f"Robustness varies by bias type: the student's OOD gain differs by up to {100 * spread:.1f} "
+                         f"points between bias types ({m}: {detail}).")
+    fixes = summary.get("fix_effect", {})
+    if fixes:
+        parts = []
+        helped = 0
+        for fix, per_method in fixes.items():
+            effect = mean([mean(d["ood_acc"]) for d in per_method.values()])
+            helped += effect > 0
+            parts.append(f"{fix} {100 * effect:+.1f}")
+        lines.append(f"The fixes help: {helped} of {len(fixes)} raise OOD accuracy over plain KD from the same "
+                     f"teacher (points: {', '.join(parts)}).")
+    if analysis:
+        for cmp in analysis.get("comparisons", [])[:1]:
+            lines.append(f"Mechanism ({cmp['what']}): " + " ".join(cmp["findings"][:3]))
+    return lines
+
+
+def write_report(run_dir: str | Path, *, out: Optional[str | Path] = None) -> Path:
+    """Write ``<run>/report.html`` (or ``out``) from the run folder; returns its path."""
+    import plotly.offline
+
+    from circuitkd.models.checkpoint import atomic_write_text
+    from circuitkd.viz import robustness
+
+    run_dir = Path(run_dir)
+    results_path = run_dir / "results.json"
+    if not results_path.exists():
+        raise CircuitKDError(f"{run_dir} is not a finished run folder (no results.json)")
+    results = json.loads(results_path.read_text())
+    rows = results["results"]
+    analysis_path = run_dir / "analysis" / "analysis.json"
+    analysis = json.loads(analysis_path.read_text()) if analysis_path.exists() else None
+    cfg = results["config"]
+    summary_md = (run_dir / "summary.md").read_text() if (run_dir / "summary.md").exists() else ""
+
+    import plotly.io as pio
+
+    figures: list[tuple[str, str, Any]] = [
+        ("robustness", "Robustness before and after KD", robustness.robustness_figure(rows)),
+        ("per-bias", "Per bias type", robustness.per_bias_figure(rows)),
+    ]
+    if any(r.get("variant") == "fix" for r in rows):
+        figures.append(("fixes", "The fixes", robustness.fixes_figure(rows)))
+
+    parts = [f"<h1>circuitkd report — run <code>{html.escape(cfg.get('name', run_dir.name))}</code></h1>",
+             f"<p class='meta'>Run folder <code>{html.escape(str(run_dir))}</code>; task <code>{html.escape(cfg['task'])}</code>; "
+             f"seeds {cfg['seeds']}; budgets: teachers {cfg['teacher_steps']} steps, students {cfg['student_steps']} "
+             f"steps, batch {cfg['batch_size']}.</p>"]
+    nav = ["<a href='#findings'>Findings</a>", "<a href='#robustness'>Robustness</a>"]
+    if analysis:
+        nav.append("<a href='#mechanisms'>Mechanisms</a>")
+    nav.append("<a href='#tables'>Tables</a>")
+    parts.append("<nav>" + "".join(nav) + "</nav>")
+    parts.append("<h2 id='findings'>Findings</h2><ul class='findings'>" +
+                 "".join(f"<li>{html.escape(line)}</li>" for line in paper_findings(results, analysis)) + "</ul>")
+    parts.append("<h2 id='robustness'>Robustness</h2>")
+    for key, title, fig in figures:
+        parts.append(f"<div class='figure'><h3>{html.escape(title)}</h3>{_figure_html(fig, key)}</div>")
+    if analysis:
+        parts.append("<h2 id='mechanisms'>Mechanisms: teacher vs student</h2>")
+        parts.append(f"<p class='meta'>{analysis['n_pairs']} shortcut-conflict pairs (clean: shortcut absent or "
+                     f"agreeing with the gold label; corrupt: one minimal edit makes it point elsewhere); metric: "
+                     f"logit(gold) − logit(shortcut label); circuits by {html.escape(analysis['circuit_method'])} "
+                     f"(top {analysis['top_k']} edges); attention on {analysis['n_attention']} OOD examples.</p>")
+        fig_dir = run_dir / "analysis" / "figures"
+        for cmp in analysis["comparisons"]:
+            name = cmp["name"]
+            parts.append(f"<h3 id='{_slug(name)}'>{html.escape(cmp['what'])}</h3>")
+            parts.append(f"<p class='meta'>teacher <code>{html.escape(cmp['teacher'])}</code> "
+                         f"(OOD {100 * cmp['teacher_scores']['ood_acc']:.1f}%), student <code>{html.escape(cmp['student'])}"
+                         f"</code> (OOD {100 * cmp['student_scores']['ood_acc']:.1f}%)</p>")
+            parts.append("<ul class='findings'>" + "".join(f"<li>{html.escape(x)}</li>" for x in cmp["findings"]) + "</ul>")
+            parts.append("<details><summary>attention diff, in detail</summary><ul>" +
+                         "".join(f"<li>{html.escape(x)}</li>" for x in cmp["attention_summary"]) + "</ul></details>")
+            for kind in FIGURE_ORDER:
+                path = fig_dir / f"{name}__{kind}.json"
+                if path.exists():
+                    fig = pio.read_json(str(path))
+                    parts.append(f"<div class='figure'>{_figure_html(fig, _slug(path.stem))}</div>")
+    parts.append("<h2 id='tables'>Tables</h2>")
+    parts.append(markdown_to_html(summary_md))
+    page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>circuitkd report</title>"
+            f"<style>{_CSS}</style><script type='text/javascript'>{plotly.offline.get_plotlyjs()}</script></head>"
+            "<body>" + "\n".join(parts) + "</body></html>")
+    target = Path(out) if out is not None else run_dir / REPORT
+    atomic_write_text(target, page)
+    return target

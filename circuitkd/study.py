@@ -1,0 +1,292 @@
+"""The analysis half of the study: patching, attention diffing and circuits on the pairs that matter.
+
+After :func:`circuitkd.experiment.run_experiment` has trained and evaluated the grid,
+:func:`analyse_run` picks the teacher/student pairs the paper's question is about — the
+plain teacher and its KD student, each debiased teacher and its KD student, and the
+student made with each fix — and for each runs, on the same bias-conflicting inputs:
+
+* head activation patching (:func:`circuitkd.patch`) of the shortcut contrast in both models;
+* attention-pattern diffing with head matching and CKA (:func:`circuitkd.diff_attention`);
+* circuit discovery (EAP-IG by default) in both models, their faithfulness curves, and the
+  teacher-vs-student circuit comparison (:func:`circuitkd.compare_circuits`).
+
+The shortcut contrast (:func:`shortcut_pairs`): a clean input whose shortcut is absent or
+agrees with the gold label, and a corrupt one — the same text or image with one minimal
+edit — where the shortcut now points to another label. ``clean_answer`` is the gold label
+and ``corrupt_answer`` the label the shortcut pushes the corrupt input towards, so the
+default logit-difference metric measures how far the model holds the gold label against the
+shortcut, and its drop from clean to corrupt is the model's shortcut sensitivity.
+
+Everything is written under ``<run>/analysis/``: ``analysis.json`` (every number, every
+summary line), ``circuits/*.json`` (reloadable circuits) and ``figures/*.json`` (plotly).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from circuitkd.errors import CircuitKDError
+from circuitkd.types import PromptPairs
+
+ANALYSIS_DIR = "analysis"
+
+
+def shortcut_pairs(task, n: int = 128, *, seed: int = 0, bias: Optional[str] = None) -> PromptPairs:
+    """``n`` clean/corrupt pairs where only the corrupt input's shortcut disagrees with the gold label.
+
+    Drawn from ``task.counterfactual_pairs(flip="shortcut")``; pairs whose shortcut conflicts
+    on the clean side instead are swapped, pairs where neither side conflicts are dropped.
+    ``clean_answer`` = gold label, ``corrupt_answer`` = the shortcut's label on the corrupt input.
+    """
+    if n < 1:
+        raise CircuitKDError(f"need at least one pair, got n={n}")
+    kept: list[PromptPairs] = []
+    total, attempt = 0, 0
+    while total < n and attempt < 8:
+        raw = task.counterfactual_pairs(max(2 * n, 64), flip="shortcut", bias=bias, seed=seed + 7919 * attempt)
+        attempt += 1
+        if raw.meta is None or "clean_bias_label" not in raw.meta:
+            raise CircuitKDError(f"task {task.name!r} pairs carry no shortcut labels (meta clean/corrupt_bias_label)")
+        gold = raw.clean_answer
+        cb, xb = raw.meta["clean_bias_label"], raw.meta["corrupt_bias_label"]
+        forward = ((cb < 0) | (cb == gold)) & (xb >= 0) & (xb != gold)
+        backward = ((xb < 0) | (xb == gold)) & (cb >= 0) & (cb != gold)
+        for mask, swap in ((forward, False), (backward, True)):
+            idx = mask.nonzero().flatten()
+            if not len(idx):
+                continue
+            clean, corrupt = (raw.corrupt, raw.clean) if swap else (raw.clean, raw.corrupt)
+            bias_label = cb if swap else xb
+            kept.append(PromptPairs(
+                clean=clean[idx], corrupt=corrupt[idx], clean_answer=gold[idx], corrupt_answer=bias_label[idx],
+                attention_mask=None if raw.attention_mask is None else raw.attention_mask[idx],
+                position=raw.position))
+            total += len(idx)
+    if total == 0:
+        raise CircuitKDError(f"task {task.name!r} produced no pairs whose shortcut conflicts with the gold label")
+    pairs = PromptPairs(
+        clean=torch.cat([p.clean for p in kept])[:n], corrupt=torch.cat([p.corrupt for p in kept])[:n],
+        clean_answer=torch.cat([p.clean_answer for p in kept])[:n],
+        corrupt_answer=torch.cat([p.corrupt_answer for p in kept])[:n],
+        attention_mask=None if kept[0].attention_mask is None else torch.cat([p.attention_mask for p in kept])[:n],
+        position=kept[0].position, meta={"kind": "shortcut-conflict", "seed": seed})
+    if pairs.attention_mask is not None:
+        width = int(pairs.attention_mask.sum(1).max())
+        pairs = PromptPairs(clean=pairs.clean[:, :width], corrupt=pairs.corrupt[:, :width],
+                            clean_answer=pairs.clean_answer, corrupt_answer=pairs.corrupt_answer,
+                            attention_mask=pairs.attention_mask[:, :width], position=pairs.position, meta=pairs.meta)
+    return pairs
+
+
+def comparisons(cfg, rows: list[dict], *, seed: Optional[int] = None) -> list[dict[str, str]]:
+    """The teacher/student pairs to analyse, by model id, for one seed (the first by default)."""
+    seed = cfg.seeds[0] if seed is None else seed
+    ids = {r["id"] for r in rows}
+    alpha = min(cfg.alphas) if cfg.alphas else None
+    a = f"{alpha:g}" if alpha is not None else None
+    out: list[dict[str, str]] = []
+
+    def add(name: str, teacher: str, student: str, what: str) -> None:
+        if teacher in ids and student in ids:
+            out.append({"name": name, "teacher": teacher, "student": student, "what": what})
+
+    if a is not None:
+        add("plain", f"teacher-none-s{seed}", f"student-kd{a}-none-s{seed}",
+            f"plain teacher vs its KD student (α={a})")
+        for m in cfg.methods:
+            add(m, f"teacher-{m}-s{seed}", f"student-kd{a}-{m}-s{seed}", f"{m} teacher vs its KD student (α={a})")
+    if cfg.methods:
+        m = cfg.methods[0]
+        for fix in cfg.fixes:
+            add(f"{m}+{fix}", f"teacher-{m}-s{seed}", f"student-{fix}-{m}-s{seed}",
+                f"{m} teacher vs the student distilled with the {fix} fix")
+    return out
+
+
+def _patch_heads(model, pairs: PromptPairs, batch_size: int) -> dict[str, Any]:
+    from circuitkd.patching import patch
+
+    res = patch(model, pairs, site="head", direction="denoise", normalise=False, batch_size=batch_size,
+                return_result=True)
+    effect = (res.raw - res.corrupt).float()
+    return {"effect": effect.tolist(), "clean": res.clean, "corrupt": res.corrupt,
+            "sensitivity": res.clean - res.corrupt, "method": res.method,
+            "axes": list(res.axes)}
+
+
+def analyse_model(model, pairs: PromptPairs, *, circuit_method: str, circuit_kwargs: dict,
+                  batch_size: int, top_k: int) -> dict[str, Any]:
+    """Head patching, a circuit and its faithfulness for one model on ``pairs``."""
+    from circuitkd.circuits import discover, faithfulness
+
+    out: dict[str, Any] = {"patching": _patch_heads(model, pairs, batch_size)}
+    t0 = time.perf_counter()
+    circuit = discover(model, pairs, method=circuit_method, batch_size=batch_size, **circuit_kwargs)
+    n_valid = int(circuit.valid_cells.sum())
+    k = min(top_k, n_valid)
+    circuit.mask = circuit.top_k_mask(k)
+    out["circuit_seconds"] = time.perf_counter() - t0
+    out["circuit"] = circuit
+    out["circuit_top"] = [(str(e), s) for e, s in circuit.top_edges(k)]
+    try:
+        out["faithfulness"] = faithfulness(model, pairs, circuit, batch_size=batch_size).to_dict()
+    except CircuitKDError as exc:  # e.g. a model the shortcut does not move at all
+        out["faithfulness"] = {"error": str(exc)}
+    return out
+
+
+def analyse_run(run_dir: str | Path, *, n_pairs: int = 96, n_attention: int = 256,
+                circuit_method: str = "eap-ig", circuit_kwargs: Optional[dict] = None, top_k: int = 20,
+                batch_size: int = 32, seed: Optional[int] = None, device: Optional[str] = None,
+                log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Analyse the teacher/student pairs of a finished run; writes ``<run>/analysis/`` and returns its dict."""
+    from circuitkd.attention import diff_attention
+    from circuitkd.circuits import compare_circuits
+    from circuitkd.config import ExperimentCfg
+    from circuitkd.experiment import load_task
+    from circuitkd.models import load_checkpoint
+    from circuitkd.models.checkpoint import atomic_write_dir
+    from circuitkd.viz import attention as viz_attention
+    from circuitkd.viz import circuits as viz_circuits
+    from circuitkd.viz import patching as viz_patching
+
+    run_dir = Path(run_dir)
+    results_path = run_dir / "results.json"
+    if not results_path.exists():
+        raise CircuitKDError(f"{run_dir} is not a finished run folder (no results.json)")
+    results = json.loads(results_path.read_text())
+    cfg = ExperimentCfg.from_dict(results["config"])
+    rows = results["results"]
+    by_id = {r["id"]: r for r in rows}
+    task = load_task(cfg)
+    todo = comparisons(cfg, rows, seed=seed)
+    if not todo:
+        raise CircuitKDError(f"run {run_dir} has no teacher/student pair to analyse")
+    pairs = shortcut_pairs(task, n_pairs, seed=cfg.seeds[0] if seed is None else seed)
+    circuit_kwargs = dict(circuit_kwargs if circuit_kwargs is not None else
+                          ({"steps": 8} if circuit_method == "eap-ig" else {}))
+    t_start = time.perf_counter()
+    models: dict[str, Any] = {}
+    per_model: dict[str, dict] = {}
+
+    def get(model_id: str):
+        if model_id not in models:
+            models[model_id] = load_checkpoint(run_dir / "models" / model_id, device=device)
+        if model_id not in per_model:
+            t0 = time.perf_counter()
+            per_model[model_id] = analyse_model(models[model_id], pairs, circuit_method=circuit_method,
+                                                circuit_kwargs=circuit_kwargs, batch_size=batch_size, top_k=top_k)
+            log(f"  {model_id}: patching + {circuit_method} circuit in {time.perf_counter() - t0:.1f}s")
+        return models[model_id]
+
+    figures: dict[str, Any] = {}
+    out_pairs = []
+    for i, cmp in enumerate(todo, 1):
+        log(f"[analysis {i}/{len(todo)}] {cmp['what']}: {cmp['teacher']} vs {cmp['student']}")
+        teacher, student = get(cmp["teacher"]), get(cmp["student"])
+        t0 = time.perf_counter()
+        diff = diff_attention(teacher, student, task, split="ood_test", n=n_attention, batch_size=64)
+        t_res, s_res = per_model[cmp["teacher"]], per_model[cmp["student"]]
+        comparison = compare_circuits(t_res["circuit"], s_res["circuit"])
+        log(f"  attention diff + circuit comparison in {time.perf_counter() - t0:.1f}s")
+        name = cmp["name"]
+        figures[f"{name}__attention_heatmaps"] = viz_attention.shortcut_heatmaps(diff)
+        figures[f"{name}__patterns"] = viz_attention.pattern_figure(diff)
+        figures[f"{name}__matching"] = viz_attention.matching_figure(diff)
+        figures[f"{name}__cka"] = viz_attention.cka_figure(diff)
+        figures[f"{name}__head_patching"] = viz_patching.head_effects_figure(
+            t_res["patching"], s_res["patching"], teacher_name=cmp["teacher"], student_name=cmp["student"])
+        figures[f"{name}__circuit_teacher"] = viz_circuits.circuit_graph(t_res["circuit"], title=f"teacher {cmp['teacher']}")
+        figures[f"{name}__circuit_student"] = viz_circuits.circuit_graph(s_res["circuit"], title=f"student {cmp['student']}")
+        figures[f"{name}__circuit_difference"] = viz_circuits.circuit_difference(
+            t_res["circuit"], s_res["circuit"], comparison, title=f"{name}: teacher vs student circuit")
+        faith = {k: v for k, v in (("teacher", t_res["faithfulness"]), ("student", s_res["faithfulness"]))
+                 if "error" not in v}
+        if faith:
+            figures[f"{name}__faithfulness"] = viz_circuits.faithfulness_curves(
+                {k: _Faith(v) for k, v in faith.items()}, title=f"{name}: faithfulness")
+        out_pairs.append({
+            **cmp,
+            "teacher_scores": _scores(by_id[cmp["teacher"]]), "student_scores": _scores(by_id[cmp["student"]]),
+            "teacher_patching": t_res["patching"], "student_patching": s_res["patching"],
+            "attention": diff.to_dict(), "attention_summary": diff.summary(),
+            "circuit_comparison": comparison.to_dict(),
+            "teacher_circuit_top": t_res["circuit_top"], "student_circuit_top": s_res["circuit_top"],
+            "teacher_faithfulness": t_res["faithfulness"], "student_faithfulness": s_res["faithfulness"],
+            "findings": findings(cmp, t_res, s_res, diff, comparison),
+        })
+
+    analysis = {
+        "run": str(run_dir), "pairs_kind": pairs.meta, "n_pairs": len(pairs), "n_attention": n_attention,
+        "circuit_method": circuit_method, "circuit_kwargs": circuit_kwargs, "top_k": top_k,
+        "comparisons": out_pairs, "seconds": time.perf_counter() - t_start,
+    }
+
+    def write(tmp: Path) -> None:
+        (tmp / "circuits").mkdir()
+        (tmp / "figures").mkdir()
+        for model_id, res in per_model.items():
+            res["circuit"].to_json(tmp / "circuits" / f"{model_id}.json")
+        for key, fig in figures.items():
+            (tmp / "figures" / f"{key}.json").write_text(fig.to_json())
+        (tmp / "analysis.json").write_text(json.dumps(analysis, indent=1, default=_jsonable))
+
+    atomic_write_dir(run_dir / ANALYSIS_DIR, write)
+    log(f"analysis written to {run_dir / ANALYSIS_DIR} ({analysis['seconds']:.0f}s)")
+    return analysis
+
+
+class _Faith:
+    """Attribute view of a faithfulness dict, for the figure builder."""
+
+    def __init__(self, d: dict):
+        self.__dict__.update(d)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, float) and value != value:
+        return None
+    return str(value)
+
+
+def _scores(row: dict) -> dict[str, Any]:
+    keys = [k for k in row if k in ("id_acc", "ood_acc", "worst_group_acc") or k.startswith("ood_acc[")]
+    return {k: row[k] for k in keys}
+
+
+def _top_head(effect: list) -> tuple[str, float]:
+    t = torch.tensor(effect)
+    flat = int(t.abs().argmax())
+    layer, head = divmod(flat, t.shape[1])
+    return f"{layer}.{head}", float(t[layer, head])
+
+
+def findings(cmp: dict, t_res: dict, s_res: dict, diff, comparison) -> list[str]:
+    """One line per finding, in words, with the numbers behind it."""
+    lines = []
+    t_sens, s_sens = t_res["patching"]["sensitivity"], s_res["patching"]["sensitivity"]
+    more = "more" if s_sens > t_sens else "less"
+    lines.append(f"Flipping the shortcut moves the gold-vs-shortcut logit difference by {t_sens:+.2f} in the teacher "
+                 f"and {s_sens:+.2f} in the student: the student is {more} shortcut-sensitive.")
+    th, tv = _top_head(t_res["patching"]["effect"])
+    sh, sv = _top_head(s_res["patching"]["effect"])
+    lines.append(f"Patching the clean head output into the shortcut-flipped run restores most at teacher head {th} "
+                 f"({tv:+.2f}) and student head {sh} ({sv:+.2f}).")
+    ts, ss = diff.teacher.shortcut_attention(), diff.student.shortcut_attention()
+    t_mean, s_mean = float(ts.nanmean()), float(ss.nanmean())
+    lines.append(f"Attention from the read-out position to shortcut tokens averages {t_mean:.3f} per teacher head and "
+                 f"{s_mean:.3f} per student head ({'higher' if s_mean > t_mean else 'lower'} in the student; "
+                 f"heads matched {diff.matching_method}).")
+    lines.extend(comparison.verdicts)
+    for who, res in (("teacher", t_res), ("student", s_res)):
+        f = res["faithfulness"]
+        if "error" not in f:
+            lines.append(f"The {who}'s top-{len(res['circuit_top'])} edge circuit recovers {100 * f['recovered']:.0f}% "
+                         f"of its shortcut-contrast metric (CPR {f['cpr']:.2f}, CMD {f['cmd']:.2f}).")
+    return lines

@@ -1,0 +1,111 @@
+"""Figures for the robustness half: teachers vs students per debiasing method and bias type, and the fixes.
+
+Each builder takes the rows of a run's ``results.json`` (one per model and seed) and shows
+mean ± std over seeds.
+"""
+from __future__ import annotations
+
+import statistics
+from typing import Any, Sequence
+
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+_PALETTE = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c")
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    vals = [v for v in values if v is not None and v == v]
+    if not vals:
+        return float("nan"), 0.0
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def _rows(rows: Sequence[dict], **match: Any) -> list[dict]:
+    return [r for r in rows if all(r.get(k) == v for k, v in match.items())]
+
+
+def _methods(rows: Sequence[dict]) -> list[str]:
+    methods = []
+    for r in rows:
+        if r["role"] == "teacher" and r["method"] not in methods:
+            methods.append(r["method"])
+    return methods
+
+
+def _kd_alpha(rows: Sequence[dict]) -> float | None:
+    alphas = sorted({r["alpha"] for r in rows if r.get("variant") == "kd" and r.get("alpha") is not None})
+    return alphas[0] if alphas else None
+
+
+def robustness_figure(rows: Sequence[dict], *, metrics: Sequence[str] = ("ood_acc", "worst_group_acc"),
+                      alpha: float | None = None) -> go.Figure:
+    """Teacher vs its KD student vs the student trained alone, per debiasing method (bars, mean ± std)."""
+    alpha = _kd_alpha(rows) if alpha is None else alpha
+    methods = _methods(rows)
+    fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=[_label(m) for m in metrics])
+    series = (("teacher", dict(role="teacher", variant="teacher")),
+              (f"KD student (α={alpha:g})" if alpha is not None else "KD student", dict(variant="kd", alpha=alpha)),
+              ("student alone", dict(variant="alone")))
+    for col, metric in enumerate(metrics, start=1):
+        for i, (name, match) in enumerate(series):
+            means, stds = [], []
+            for m in methods:
+                mean, std = _mean_std([100 * r[metric] for r in _rows(rows, method=m, **match)])
+                means.append(mean)
+                stds.append(std)
+            fig.add_trace(go.Bar(name=name, x=methods, y=means, error_y=dict(type="data", array=stds),
+                                 marker_color=_PALETTE[i], showlegend=col == 1, legendgroup=name), row=1, col=col)
+        fig.update_yaxes(title_text="accuracy (%)", row=1, col=col, rangemode="tozero")
+    fig.update_layout(barmode="group", title="Robustness before and after KD, per debiasing method",
+                      height=420, width=1000)
+    return fig
+
+
+def per_bias_figure(rows: Sequence[dict], *, alpha: float | None = None) -> go.Figure:
+    """OOD accuracy on each bias type's conflicting examples: teacher vs KD student, per method."""
+    alpha = _kd_alpha(rows) if alpha is None else alpha
+    methods = _methods(rows)
+    biases = sorted({k[len("ood_acc["):-1] for r in rows for k in r if k.startswith("ood_acc[")})
+    fig = make_subplots(rows=1, cols=max(1, len(biases)), subplot_titles=[f"bias: {b}" for b in biases])
+    for col, bias in enumerate(biases, start=1):
+        key = f"ood_acc[{bias}]"
+        for i, (name, match) in enumerate((("teacher", dict(role="teacher", variant="teacher")),
+                                            (f"KD student (α={alpha:g})" if alpha is not None else "KD student",
+                                             dict(variant="kd", alpha=alpha)))):
+            stats = [_mean_std([100 * r[key] for r in _rows(rows, method=m, **match) if key in r]) for m in methods]
+            fig.add_trace(go.Bar(name=name, x=methods, y=[s[0] for s in stats],
+                                 error_y=dict(type="data", array=[s[1] for s in stats]),
+                                 marker_color=_PALETTE[i], showlegend=col == 1, legendgroup=name), row=1, col=col)
+        fig.update_yaxes(title_text="OOD accuracy (%)" if col == 1 else None, row=1, col=col, rangemode="tozero")
+    fig.update_layout(barmode="group", title="Per bias type: accuracy where that shortcut conflicts (OOD)",
+                      height=420, width=1100)
+    return fig
+
+
+def fixes_figure(rows: Sequence[dict], *, metrics: Sequence[str] = ("ood_acc", "worst_group_acc")) -> go.Figure:
+    """Each fix's student against the plain KD student of the same teacher (bars, mean ± std)."""
+    fixes = []
+    for r in rows:
+        if r.get("variant") == "fix" and r["fix"] not in fixes:
+            fixes.append(r["fix"])
+    methods = [m for m in _methods(rows) if _rows(rows, variant="fix", method=m)]
+    fix_alpha = next((r["alpha"] for r in rows if r.get("variant") == "fix"), None)
+    fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=[_label(m) for m in metrics])
+    labels = [f"KD (α={fix_alpha:g})" if fix_alpha is not None else "KD"] + [f"+{f}" for f in fixes]
+    for col, metric in enumerate(metrics, start=1):
+        for i, m in enumerate(methods):
+            stats = [_mean_std([100 * r[metric] for r in _rows(rows, variant="kd", alpha=fix_alpha, method=m)])]
+            stats += [_mean_std([100 * r[metric] for r in _rows(rows, variant="fix", fix=f, method=m)]) for f in fixes]
+            fig.add_trace(go.Bar(name=f"{m} teacher", x=labels, y=[s[0] for s in stats],
+                                 error_y=dict(type="data", array=[s[1] for s in stats]),
+                                 marker_color=_PALETTE[i % len(_PALETTE)], showlegend=col == 1, legendgroup=m),
+                          row=1, col=col)
+        fig.update_yaxes(title_text="accuracy (%)", row=1, col=col, rangemode="tozero")
+    fig.update_layout(barmode="group", title="The three fixes: student accuracy by how it was distilled",
+                      height=420, width=1000)
+    return fig
+
+
+def _label(metric: str) -> str:
+    return {"ood_acc": "OOD accuracy", "worst_group_acc": "worst-group accuracy", "id_acc": "ID accuracy"}.get(metric, metric)
