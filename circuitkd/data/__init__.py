@@ -1,18 +1,19 @@
 """Data with controllable shortcut features: synthetic NLI, Colored MNIST, real benchmarks.
 
-Submodules load on first use, so ``import circuitkd`` stays light (the real-benchmark
-loaders pull in ``datasets``).
+The real-benchmark loaders load on first use, so ``import circuitkd`` does not pull in
+``datasets``. The generators are imported eagerly: their modules share the functions'
+names, and a lazily bound name would be shadowed by the submodule once anything imported it.
 """
 from __future__ import annotations
 
 import importlib
 
+from circuitkd.data.colored_mnist import colored_mnist
+from circuitkd.data.synthetic_nli import synthetic_nli
 from circuitkd.data.task import SPLITS, Split, Task
+from circuitkd.data.tokenizer import WordTokenizer
 
 _LAZY = {
-    "WordTokenizer": "circuitkd.data.tokenizer",
-    "synthetic_nli": "circuitkd.data.synthetic_nli",
-    "colored_mnist": "circuitkd.data.colored_mnist",
     "load_mnli": "circuitkd.data.loaders",
     "load_hans": "circuitkd.data.loaders",
     "load_snli": "circuitkd.data.loaders",
@@ -20,7 +21,7 @@ _LAZY = {
     "load_celeba": "circuitkd.data.loaders",
 }
 
-__all__ = ["SPLITS", "Split", "Task", *_LAZY]
+__all__ = ["SPLITS", "Split", "Task", "WordTokenizer", "synthetic_nli", "colored_mnist", *_LAZY]
 
 
 def __getattr__(name: str):
