@@ -5,7 +5,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from circuitkd.errors import CircuitKDError
 
@@ -205,16 +205,16 @@ class ExperimentCfg(_Jsonable):
     teacher: Any = "teacher"
     student: Any = "student"
     assistant: Any = "assistant"
-    methods: tuple = ("reweight", "poe", "focal", "confreg")
-    seeds: tuple = (0, 1)
+    methods: Sequence = ("reweight", "poe", "focal", "confreg")  # lists from JSON become tuples
+    seeds: Sequence = (0, 1)  # lists from JSON become tuples
     teacher_steps: int = 300
     student_steps: int = 250
     batch_size: int = 64
     lr: float = 1e-3
     temperature: float = 2.0
-    alphas: tuple = (0.0, 0.5)
+    alphas: Sequence = (0.0, 0.5)  # lists from JSON become tuples
     debiased_kd_alpha: float = 0.5
-    fixes: tuple = ("augment", "iterative", "init")
+    fixes: Sequence = ("augment", "iterative", "init")  # lists from JSON become tuples
     fix_alpha: float = 0.0
     augment_n: int = 1500
     debias: dict = field(default_factory=dict)

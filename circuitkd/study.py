@@ -40,7 +40,9 @@ def shortcut_pairs(task, n: int = 128, *, seed: int = 0, bias: Optional[str] = N
 
     Drawn from ``task.counterfactual_pairs(flip="shortcut")``; pairs whose shortcut conflicts
     on the clean side instead are swapped, pairs where neither side conflicts are dropped.
-    ``clean_answer`` = gold label, ``corrupt_answer`` = the shortcut's label on the corrupt input.
+    ``clean_answer`` = gold label, ``corrupt_answer`` = the shortcut's label on the corrupt input;
+    ``meta["bias"]`` names the flipped shortcut of each pair. Other shortcuts, untouched by
+    the edit, are the same on both sides.
     """
     if n < 1:
         raise CircuitKDError(f"need at least one pair, got n={n}")
@@ -61,10 +63,12 @@ def shortcut_pairs(task, n: int = 128, *, seed: int = 0, bias: Optional[str] = N
                 continue
             clean, corrupt = (raw.corrupt, raw.clean) if swap else (raw.clean, raw.corrupt)
             bias_label = cb if swap else xb
+            names = raw.meta.get("bias")
             kept.append(PromptPairs(
                 clean=clean[idx], corrupt=corrupt[idx], clean_answer=gold[idx], corrupt_answer=bias_label[idx],
                 attention_mask=None if raw.attention_mask is None else raw.attention_mask[idx],
-                position=raw.position))
+                position=raw.position,
+                meta={"bias": [names[i] if names is not None else bias for i in idx.tolist()]}))
             total += len(idx)
     if total == 0:
         raise CircuitKDError(f"task {task.name!r} produced no pairs whose shortcut conflicts with the gold label")
@@ -73,7 +77,8 @@ def shortcut_pairs(task, n: int = 128, *, seed: int = 0, bias: Optional[str] = N
         clean_answer=torch.cat([p.clean_answer for p in kept])[:n],
         corrupt_answer=torch.cat([p.corrupt_answer for p in kept])[:n],
         attention_mask=None if kept[0].attention_mask is None else torch.cat([p.attention_mask for p in kept])[:n],
-        position=kept[0].position, meta={"kind": "shortcut-conflict", "seed": seed})
+        position=kept[0].position,
+        meta={"kind": "shortcut-conflict", "seed": seed, "bias": [b for p in kept for b in p.meta["bias"]][:n]})
     if pairs.attention_mask is not None:
         width = int(pairs.attention_mask.sum(1).max())
         pairs = PromptPairs(clean=pairs.clean[:, :width], corrupt=pairs.corrupt[:, :width],

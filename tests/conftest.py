@@ -60,3 +60,15 @@ def toy_text_task(n_train: int = 256, n_test: int = 64, seq: int = 8, vocab: int
 @pytest.fixture
 def toy_task():
     return toy_text_task()
+
+
+@pytest.fixture(scope="session")
+def quick_run(tmp_path_factory):
+    """A finished ``circuitkd run --quick`` folder with its analysis, shared by the end-to-end tests."""
+    from circuitkd.experiment import load_config, run_experiment
+    from circuitkd.study import analyse_run
+
+    run_dir = tmp_path_factory.mktemp("runs") / "quick"
+    run_experiment(load_config(quick=True), run_dir, log=lambda *_: None)
+    analyse_run(run_dir, n_pairs=32, n_attention=64, log=lambda *_: None)
+    return run_dir
