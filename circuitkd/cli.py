@@ -1,10 +1,15 @@
-"""The ``circuitkd`` command line: ``circuitkd run [--config F] [--quick] [--out DIR]``.
+"""The ``circuitkd`` command line.
 
-Subcommands are argparse subparsers, so other commands can be added beside ``run``.
+``circuitkd run`` reproduces the study end to end: it trains and evaluates the grid of
+teachers and students, analyses the teacher/student pairs that matter (patching,
+attention diffing, circuits) and writes a self-contained HTML report into the run folder.
+The other subcommands run one step each, on existing checkpoints or run folders.
+Bad input ends with a non-zero exit and a one-line error.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -12,30 +17,311 @@ from typing import Optional, Sequence
 
 from circuitkd.errors import CircuitKDError
 
+EPILOG = """examples:
+  circuitkd run                          the default study (train, evaluate, analyse, report)
+  circuitkd run --quick --out runs/q     a smoke run of a minute or two
+  circuitkd run --config my.toml         a config of your own (JSON, TOML or YAML)
+  circuitkd train --preset teacher --debias poe --out ckpt/teacher
+  circuitkd distill ckpt/teacher --preset student --alpha 0 --out ckpt/student
+  circuitkd evaluate ckpt/student
+  circuitkd patch ckpt/student --site head
+  circuitkd diff ckpt/teacher ckpt/student
+  circuitkd discover ckpt/student --method eap-ig --top-k 20 --out circuit.json
+  circuitkd analyse runs/q && circuitkd report runs/q && circuitkd figures runs/q --out figures
+"""
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------- tasks
+
+
+def _task_from_args(args: argparse.Namespace, checkpoint: Optional[Path] = None):
+    """The task named on the command line, else the one a checkpoint was trained on."""
+    from circuitkd.experiment import load_task_by_name
+    from circuitkd.models.checkpoint import is_checkpoint, load_config
+
+    name, task_args = args.task, json.loads(args.task_args) if args.task_args else None
+    if name is None and checkpoint is not None and is_checkpoint(checkpoint):
+        saved = load_config(checkpoint)
+        source = saved.get("task_source") or {"task": saved.get("task"), "args": {}}
+        name = source["task"]
+        if task_args is None:
+            task_args = source.get("args")
+    return load_task_by_name(name or "synthetic_nli", task_args or {})
+
+
+def _add_task(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", help="synthetic_nli (default), colored_mnist, mnli, hans, snli, waterbirds or celeba; "
+                                  "default: the task the checkpoint was trained on")
+    p.add_argument("--task-args", help="JSON of the task's arguments, e.g. '{\"seed\": 0, \"strength\": 0.9}'")
+
+
+def _load(path: str, args: argparse.Namespace):
+    from circuitkd.models import load_checkpoint
+
+    return load_checkpoint(path, device=getattr(args, "device", None))
+
+
+# ------------------------------------------------------------------- subcommands
+
 
 def _run(args: argparse.Namespace) -> int:
     from circuitkd.experiment import load_config, run_experiment
 
     cfg = load_config(args.config, quick=args.quick, workers=args.workers, device=args.device)
     out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    summary = run_experiment(cfg, out)
-    print(f"{out / 'summary.md'}  ({summary['wall_seconds']:.0f} s)")
+    t0 = time.perf_counter()
+    run_experiment(cfg, out)
+    if not args.no_analysis:
+        from circuitkd.report import write_report
+        from circuitkd.study import analyse_run
+
+        analysis = cfg.analysis or {}
+        analyse_run(out, log=_log, **analysis)
+        report = write_report(out)
+        _log(f"report: {report}")
+    _log(f"done in {time.perf_counter() - t0:.0f}s")
+    print(out / ("summary.md" if args.no_analysis else "report.html"))
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from circuitkd import ModelSpec, TrainCfg, evaluate, train_model
+
+    task = _task_from_args(args)
+    spec = ModelSpec.preset(args.preset, **json.loads(args.spec or "{}"))
+    model = train_model(spec, task, debias=args.debias, seed=args.seed, device=args.device,
+                        cfg=TrainCfg(steps=args.steps, batch_size=args.batch_size, lr=args.lr),
+                        checkpoint=args.out)
+    print(json.dumps(_headline(evaluate(model, task)), indent=1))
+    _log(f"checkpoint: {args.out}")
+    return 0
+
+
+def _distill(args: argparse.Namespace) -> int:
+    from circuitkd import ModelSpec, TrainCfg, distill, evaluate
+
+    teacher = _load(args.teacher, args)
+    task = _task_from_args(args, Path(args.teacher))
+    spec = ModelSpec.preset(args.preset, **json.loads(args.spec or "{}"))
+    via = [ModelSpec.preset(p.strip()) for p in args.via.split(",")] if args.via else []
+    student = distill(teacher, spec, task, temperature=args.temperature, alpha=args.alpha, debias=args.debias,
+                      init_from_teacher=args.init_from_teacher, augment=args.augment, via=via, seed=args.seed,
+                      cfg=TrainCfg(steps=args.steps, batch_size=args.batch_size, lr=args.lr), device=args.device,
+                      checkpoint=args.out)
+    print(json.dumps(_headline(evaluate(student, task)), indent=1))
+    _log(f"checkpoint: {args.out}")
+    return 0
+
+
+def _headline(scores: dict) -> dict:
+    return {k: v for k, v in scores.items() if k != "per_group"}
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from circuitkd import evaluate
+
+    scores = evaluate(_load(args.checkpoint, args), _task_from_args(args, Path(args.checkpoint)))
+    print(json.dumps(scores if args.all else _headline(scores), indent=1))
+    return 0
+
+
+def _pairs(args: argparse.Namespace, task):
+    from circuitkd.study import shortcut_pairs
+
+    return shortcut_pairs(task, args.n, seed=args.seed, bias=args.bias)
+
+
+def _patch(args: argparse.Namespace) -> int:
+    from circuitkd.patching import patch
+
+    model = _load(args.checkpoint, args)
+    task = _task_from_args(args, Path(args.checkpoint))
+    res = patch(model, _pairs(args, task), site=args.site, direction=args.direction, normalise=not args.raw,
+                return_result=True)
+    values = res.values
+    flat = values.flatten()
+    order = flat.abs().argsort(descending=True)[: args.top]
+    _log(f"{args.site} patching ({args.direction}, {res.method}): metric clean {res.clean:+.3f}, "
+         f"corrupt {res.corrupt:+.3f}; axes {res.axes}")
+    for i in order.tolist():
+        idx = []
+        rest = i
+        for size in reversed(values.shape):
+            idx.append(rest % size)
+            rest //= size
+        idx = tuple(reversed(idx))
+        print(f"{'.'.join(map(str, idx)):>10}  {float(flat[i]):+.4f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"axes": list(res.axes), "values": values.tolist(),
+                                              "clean": res.clean, "corrupt": res.corrupt, "site": args.site}))
+    return 0
+
+
+def _diff(args: argparse.Namespace) -> int:
+    from circuitkd.attention import diff_attention
+
+    teacher, student = _load(args.teacher, args), _load(args.student, args)
+    task = _task_from_args(args, Path(args.teacher))
+    diff = diff_attention(teacher, student, task, split=args.split, n=args.n, matching=args.matching)
+    print("\n".join(diff.summary()))
+    if args.out:
+        diff.to_json(args.out)
+    return 0
+
+
+def _discover(args: argparse.Namespace) -> int:
+    from circuitkd.circuits import discover
+
+    model = _load(args.checkpoint, args)
+    task = _task_from_args(args, Path(args.checkpoint))
+    circuit = discover(model, _pairs(args, task), method=args.method, top_k=args.top_k)
+    for edge, score in circuit.top_edges(args.top_k):
+        print(f"{str(edge):>24}  {score:+.4f}")
+    if args.out:
+        circuit.to_json(args.out)
+        _log(f"circuit: {args.out}")
+    return 0
+
+
+def _analyse(args: argparse.Namespace) -> int:
+    from circuitkd.study import analyse_run
+
+    analyse_run(args.run, n_pairs=args.n, circuit_method=args.method, top_k=args.top_k, log=_log)
+    print(Path(args.run) / "analysis" / "analysis.json")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from circuitkd.report import write_report
+
+    print(write_report(args.run, out=args.out))
+    return 0
+
+
+def _figures(args: argparse.Namespace) -> int:
+    from circuitkd.figures import FIGURES, build, save
+
+    names = args.only.split(",") if args.only else list(FIGURES)
+    for name in names:
+        try:
+            fig = build(name, args.run, pair=args.pair)
+        except CircuitKDError as exc:
+            if args.only:
+                raise
+            _log(f"skipped {name}: {exc}")
+            continue
+        print(save(fig, Path(args.out) / f"{name}.{args.format}"))
+    return 0
+
+
+# ------------------------------------------------------------------------ parser
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="circuitkd", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the distillability experiment grid",
-                         description="Train teachers (plain and debiased) and their students, evaluate them, "
-                                     "and write a run folder with results and a markdown summary. "
-                                     "Re-running with the same --out resumes an interrupted run.")
-    run.add_argument("--config", help="experiment config JSON (default: the one shipped with circuitkd)")
+    parser = argparse.ArgumentParser(prog="circuitkd", description=__doc__.split("\n\n")[0],
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_text: str, func, description: str = "") -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=description or help_text)
+        p.set_defaults(func=func)
+        return p
+
+    run = command("run", "the whole study: train, evaluate, analyse, report", _run,
+                  "Train teachers (plain and debiased) and their students, evaluate them, analyse the "
+                  "teacher/student pairs that matter, and write a run folder with results, summary.md and "
+                  "report.html. Re-running with the same --out resumes an interrupted run.")
+    run.add_argument("--config", help="experiment config (.json, .toml or .yaml; default: the one shipped)")
     run.add_argument("--quick", action="store_true", help="smoke-run preset: one seed, few steps, small task")
     run.add_argument("--out", help="run folder (default: runs/<name>-<timestamp>)")
     run.add_argument("--workers", type=int, help="parallel training processes (overrides the config)")
     run.add_argument("--device", help="'auto', 'cpu' or 'cuda' (overrides the config)")
-    run.set_defaults(func=_run)
+    run.add_argument("--no-analysis", action="store_true", help="stop after training and evaluation")
+
+    def training(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--preset", default="teacher", help="model size preset (teacher, student, assistant, tiny, ...)")
+        p.add_argument("--spec", help="JSON of ModelSpec fields overriding the preset, e.g. '{\"d_model\": 64}'")
+        p.add_argument("--debias", default="none", help="debiasing method (reweight, poe, learned_mixin_h, focal, "
+                                                       "confreg, group_dro, jtt; optionally method:bias)")
+        p.add_argument("--steps", type=int, default=300)
+        p.add_argument("--batch-size", type=int, default=64)
+        p.add_argument("--lr", type=float, default=1e-3)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+        p.add_argument("--out", required=True, help="checkpoint folder to write (an existing one is loaded, "
+                                                    "an interrupted one resumed)")
+        _add_task(p)
+
+    training(command("train", "train one model (plainly or with a debiasing method)", _train))
+    d = command("distill", "distil a checkpoint into a student (KD, debiased KD, the three fixes)", _distill)
+    d.add_argument("teacher", help="teacher checkpoint folder")
+    training(d)
+    d.set_defaults(preset="student")
+    d.add_argument("--temperature", type=float, default=2.0)
+    d.add_argument("--alpha", type=float, default=0.5, help="weight of the label loss (0 = pure KD)")
+    d.add_argument("--init-from-teacher", action="store_true", help="fix 3: initialise from every other teacher layer")
+    d.add_argument("--augment", type=int, help="fix 1: add this many generated bias-conflicting examples")
+    d.add_argument("--via", help="fix 2: comma-separated presets of intermediate assistants")
+
+    e = command("evaluate", "ID / OOD / per-bias / worst-group accuracy of a checkpoint", _evaluate)
+    e.add_argument("checkpoint")
+    e.add_argument("--all", action="store_true", help="include per-group accuracies")
+    e.add_argument("--device")
+    _add_task(e)
+
+    def pairs(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--n", type=int, default=128, help="shortcut-conflict pairs to use")
+        p.add_argument("--bias", help="flip only this shortcut (default: any)")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--device")
+        _add_task(p)
+
+    pa = command("patch", "activation patching of the shortcut contrast in one model", _patch)
+    pa.add_argument("checkpoint")
+    pa.add_argument("--site", default="head", help="head, head_pos, resid, attn_out, mlp_out, q, k, v, pattern, ...")
+    pa.add_argument("--direction", default="denoise", choices=["denoise", "noise"])
+    pa.add_argument("--raw", action="store_true", help="raw metric instead of the normalised recovery")
+    pa.add_argument("--top", type=int, default=10, help="how many of the largest effects to print")
+    pa.add_argument("--out", help="write every effect as JSON")
+    pairs(pa)
+
+    di = command("diff", "teacher vs student attention: shortcut heads, head matching, CKA", _diff)
+    di.add_argument("teacher")
+    di.add_argument("student")
+    di.add_argument("--split", default="ood_test")
+    di.add_argument("--n", type=int, default=512)
+    di.add_argument("--matching", default="hungarian", choices=["hungarian", "greedy"])
+    di.add_argument("--out", help="write every number as JSON")
+    di.add_argument("--device")
+    _add_task(di)
+
+    dc = command("discover", "circuit discovery (exact, eap, eap-ig, acdc) on the shortcut contrast", _discover)
+    dc.add_argument("checkpoint")
+    dc.add_argument("--method", default="eap-ig", choices=["exact", "eap", "eap-ig", "acdc"])
+    dc.add_argument("--top-k", type=int, default=20)
+    dc.add_argument("--out", help="write the circuit as JSON")
+    pairs(dc)
+
+    an = command("analyse", "run the analysis stage on a finished run folder", _analyse)
+    an.add_argument("run")
+    an.add_argument("--n", type=int, default=96, help="shortcut-conflict pairs")
+    an.add_argument("--method", default="eap-ig", choices=["exact", "eap", "eap-ig", "acdc"])
+    an.add_argument("--top-k", type=int, default=20)
+
+    rp = command("report", "write report.html for a run folder", _report)
+    rp.add_argument("run")
+    rp.add_argument("--out", help="where to write it (default: RUN/report.html)")
+
+    fg = command("figures", "write the study's figures for a run folder", _figures)
+    fg.add_argument("run")
+    fg.add_argument("--out", default="figures")
+    fg.add_argument("--only", help="comma-separated figure names (default: all)")
+    fg.add_argument("--pair", help="teacher/student comparison for the analysis figures (default: plain)")
+    fg.add_argument("--format", default="png", choices=["png", "svg", "pdf", "html"])
     return parser
 
 
@@ -46,6 +332,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except CircuitKDError as exc:
         print(f"circuitkd: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("circuitkd: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

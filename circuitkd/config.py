@@ -33,6 +33,37 @@ def _from_dict(cls, data: dict[str, Any]):
     return cls(**data)
 
 
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping in a JSON, TOML or YAML config file (chosen by the suffix)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CircuitKDError(f"config file not found: {path}")
+    text = path.read_text()
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib
+            data = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        elif suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise CircuitKDError(f"config file {path} must end in .json, .toml, .yaml or .yml")
+    except CircuitKDError:
+        raise
+    except Exception as exc:  # the parsers' own error types differ
+        raise CircuitKDError(f"cannot parse config file {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise CircuitKDError(f"config file {path} must hold a mapping of settings, got {type(data).__name__}")
+    return data
+
+
 class _Jsonable:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[arg-type]
@@ -46,6 +77,11 @@ class _Jsonable:
     @classmethod
     def from_dict(cls, data: dict[str, Any]):
         return _from_dict(cls, dict(data))
+
+    @classmethod
+    def from_file(cls, path: str | Path):
+        """Load from a ``.json``, ``.toml`` or ``.yaml``/``.yml`` file."""
+        return cls.from_dict(read_config_file(path))
 
     @classmethod
     def from_json(cls, path_or_text: str | Path):
@@ -221,6 +257,8 @@ class ExperimentCfg(_Jsonable):
     workers: int = 2
     threads_per_worker: int = 1
     device: str = "auto"
+    #: keyword arguments of :func:`circuitkd.study.analyse_run` for ``circuitkd run``'s analysis stage
+    analysis: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("methods", "seeds", "alphas", "fixes"):

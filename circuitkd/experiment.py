@@ -35,7 +35,8 @@ from circuitkd.config import DebiasCfg, ExperimentCfg
 from circuitkd.errors import CircuitKDError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-TASKS = ("synthetic_nli", "colored_mnist")
+TASKS = ("synthetic_nli", "colored_mnist", "mnli", "hans", "snli", "waterbirds", "celeba")
+_TEXT_LOADERS = ("mnli", "hans", "snli")
 
 
 def default_config() -> ExperimentCfg:
@@ -50,7 +51,7 @@ def quick_overrides() -> dict[str, Any]:
 
 def load_config(path: Optional[str | Path] = None, *, quick: bool = False, **overrides: Any) -> ExperimentCfg:
     """A config from ``path`` (the default one when None), with the quick preset and ``overrides`` applied."""
-    cfg = default_config() if path is None else ExperimentCfg.from_json(path)
+    cfg = default_config() if path is None else ExperimentCfg.from_file(path)
     changes = {**(quick_overrides() if quick else {}), **{k: v for k, v in overrides.items() if v is not None}}
     if changes:
         data = {**cfg.to_dict(), **changes}
@@ -120,7 +121,31 @@ def _task(name: str, args_json: str):
 
     if name not in TASKS:
         raise CircuitKDError(f"unknown task {name!r}; known: {list(TASKS)}")
-    return getattr(data, name)(**json.loads(args_json))
+    args = json.loads(args_json)
+    if name in _TEXT_LOADERS:
+        # Real benchmarks read through a pretrained tokenizer named in the config,
+        # e.g. {"path_or_name": "data/mnli", "tokenizer": "bert-base-uncased", "hans": "data/hans"}.
+        tok = args.pop("tokenizer", None)
+        if tok is None:
+            raise CircuitKDError(f"task {name!r} needs task_args.tokenizer (a pretrained name or folder)")
+        args["tokenizer"] = _tokenizer(tok)
+    task = getattr(data, f"load_{name}" if name in TASKS[2:] else name)(**args)
+    task.info["source"] = {"task": name, "args": json.loads(args_json)}
+    return task
+
+
+def _tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except OSError as exc:
+        raise CircuitKDError(f"cannot load tokenizer {name!r}: {exc}") from exc
+
+
+def load_task_by_name(name: str, args: Optional[dict] = None):
+    """The task ``name`` (see :data:`TASKS`) built with ``args``; cached per process."""
+    return _task(name, json.dumps(args or {}, sort_keys=True))
 
 
 def load_task(cfg: ExperimentCfg):

@@ -220,7 +220,7 @@ def _distill_stage(teacher, spec: ModelSpec, task: Task, split: Split, *, temper
         "seed": seed, "train_cfg": cfg.to_dict(), "seconds": result.seconds, "final_loss": result.losses[-1],
     }
     if checkpoint is not None and is_main_process():
-        save_checkpoint(student, checkpoint, config={"task": task.name, **student.circuitkd_train},
+        save_checkpoint(student, checkpoint, config={"task": task.name, "task_source": task.info.get("source"), **student.circuitkd_train},
                         tokenizer=task.tokenizer)
         shutil.rmtree(resume, ignore_errors=True)
     return student

@@ -65,7 +65,7 @@ def train_model(spec: ModelSpec, task: Task, *, debias: str = "none", seed: int 
     model.circuitkd_train = {"debias": debias, "seed": seed, "train_cfg": cfg.to_dict(),
                              "seconds": result.seconds, "final_loss": result.losses[-1]}
     if checkpoint is not None and is_main_process():
-        save_checkpoint(model, checkpoint, config={"task": task.name, **model.circuitkd_train},
+        save_checkpoint(model, checkpoint, config={"task": task.name, "task_source": task.info.get("source"), **model.circuitkd_train},
                         tokenizer=task.tokenizer)
         shutil.rmtree(resume, ignore_errors=True)
     return model

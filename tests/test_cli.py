@@ -1,0 +1,76 @@
+"""The command line: each subcommand on tiny checkpoints, help text, one-line errors."""
+import json
+
+import pytest
+
+from circuitkd.cli import build_parser, main
+
+TASK_ARGS = json.dumps({"seed": 0, "n_train": 300, "n_id": 100, "n_ood": 100})
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    assert main(["train", "--preset", "tiny", "--steps", "5", "--task-args", TASK_ARGS,
+                 "--out", str(root / "teacher")]) == 0
+    assert main(["distill", str(root / "teacher"), "--preset", "tiny", "--steps", "5", "--alpha", "0",
+                 "--out", str(root / "student")]) == 0
+    return root
+
+
+def test_help_explains_every_subcommand(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    for name in ("run", "train", "distill", "evaluate", "patch", "diff", "discover", "analyse", "report", "figures"):
+        assert name in text
+    sub = build_parser()._subparsers._group_actions[0].choices
+    assert all(p.description for p in sub.values())
+
+
+def test_train_then_evaluate_reads_the_task_from_the_checkpoint(checkpoints, capsys):
+    assert main(["evaluate", str(checkpoints / "student")]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert {"id_acc", "ood_acc", "worst_group_acc", "per_bias"} <= set(scores)
+    assert scores["n"] == {"id_test": 100, "ood_test": 100}  # the checkpoint's own task, not the default size
+
+
+def test_patch_diff_discover_on_checkpoints(checkpoints, capsys, tmp_path):
+    assert main(["patch", str(checkpoints / "student"), "--n", "16", "--out", str(tmp_path / "p.json")]) == 0
+    assert json.loads((tmp_path / "p.json").read_text())["site"] == "head"
+    assert main(["diff", str(checkpoints / "teacher"), str(checkpoints / "student"), "--n", "32"]) == 0
+    assert "top shortcut heads" in capsys.readouterr().out
+    assert main(["discover", str(checkpoints / "student"), "--n", "8", "--method", "eap", "--top-k", "3",
+                 "--out", str(tmp_path / "c.json")]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 3
+    from circuitkd.circuits import Circuit
+
+    assert Circuit.from_json(tmp_path / "c.json").scores.numel() > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["evaluate", "/nonexistent/ckpt"], "checkpoint not found"),
+    (["train", "--preset", "huge", "--out", "x"], "unknown preset 'huge'"),
+    (["train", "--task", "imagenet", "--out", "x"], "unknown task 'imagenet'"),
+    (["report", "/nonexistent/run"], "not a finished run folder"),
+    (["run", "--config", "/nonexistent/cfg.toml"], "config file not found"),
+])
+def test_bad_input_is_a_one_line_error_and_a_nonzero_exit(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("circuitkd: error:") and message in err and "\n" not in err
+
+
+def test_toml_and_yaml_configs(tmp_path):
+    from circuitkd.experiment import load_config
+
+    (tmp_path / "c.toml").write_text('name = "mine"\nmethods = ["poe", "focal"]\nseeds = [0, 1, 2]\n')
+    (tmp_path / "c.yaml").write_text("name: mine\nmethods: [poe]\nteacher_steps: 10\n")
+    toml_cfg, yaml_cfg = load_config(tmp_path / "c.toml"), load_config(tmp_path / "c.yaml")
+    assert toml_cfg.methods == ("poe", "focal") and toml_cfg.seeds == (0, 1, 2)
+    assert yaml_cfg.teacher_steps == 10
+    (tmp_path / "bad.toml").write_text("methods = [")
+    from circuitkd.errors import CircuitKDError
+
+    with pytest.raises(CircuitKDError, match="cannot parse config file"):
+        load_config(tmp_path / "bad.toml")
