@@ -8,7 +8,7 @@ Public API (see DESIGN.md)::
     scores = ckd.evaluate(teacher, task)
 """
 from circuitkd import data
-from circuitkd.config import DebiasCfg, ModelSpec, TrainCfg
+from circuitkd.config import DebiasCfg, ExperimentCfg, ModelSpec, TrainCfg
 from circuitkd.errors import CircuitKDError
 from circuitkd.evaluate import evaluate
 from circuitkd.models import ModelPair, build_model, load_checkpoint, save_checkpoint
@@ -19,7 +19,7 @@ from circuitkd.patching import attribution_patch, patch, path_patch
 
 __all__ = [
     "CircuitKDError", "Edge", "Node", "PromptPairs", "ModelSpec", "TrainCfg", "ModelPair",
-    "build_model", "load_checkpoint", "save_checkpoint", "train_model", "distill", "DebiasCfg", "evaluate", "data",
+    "build_model", "load_checkpoint", "save_checkpoint", "train_model", "distill", "DebiasCfg", "ExperimentCfg", "evaluate", "data",
 ]
 __all__ += ["run_hooked", "patch", "path_patch", "attribution_patch"]
 from circuitkd.attention import AttentionDiff, AttentionStats, ShortcutHeads, attention_stats, diff_attention, shortcut_heads
