@@ -95,6 +95,6 @@ def test_quick_preset_runs_resumes_and_cli(tmp_path, capsys):
 
     # The CLI on the same folder: everything cached; a different config is refused.
     assert main(["run", "--quick", "--out", str(out), "--workers", "1", "--device", "cpu"]) == 0
-    assert "summary.md" in capsys.readouterr().out
+    assert str(out) in capsys.readouterr().out
     assert main(["run", "--quick", "--out", str(out), "--workers", "2", "--device", "cpu"]) == 2
     assert "different config" in capsys.readouterr().err
