@@ -251,7 +251,7 @@ class ExperimentCfg(_Jsonable):
     alphas: Sequence = (0.0, 0.5)  # lists from JSON become tuples
     debiased_kd_alpha: float = 0.5
     fixes: Sequence = ("augment", "iterative", "init")  # lists from JSON become tuples
-    fix_alpha: float = 0.0
+    fix_alpha: float = 0.5
     augment_n: int = 1500
     debias: dict = field(default_factory=dict)
     workers: int = 2
