@@ -160,77 +160,66 @@ def _bert_post_adapter(adapter) -> None:
     adapter.component_mapping["unembed"] = UnembeddingBridge(name="classifier")
 
 
-def _build_bert(spec: ModelSpec, device: torch.device, dtype: Optional[torch.dtype]):
-    from transformers import BertConfig, BertForSequenceClassification
+def _hf_model(spec: ModelSpec, hf_class, config, what: str, **pretrained_kwargs):
+    """A seeded HF model: loaded from ``spec.pretrained`` (its classifier sized to ``n_classes``) or built from ``config``."""
+    with torch.random.fork_rng(devices=[]):
+        if spec.pretrained is None:
+            torch.manual_seed(init_seed(spec))
+            return hf_class(config)
+        _check_local(spec.pretrained)
+        if spec.n_classes is not None:
+            pretrained_kwargs["num_labels"] = spec.n_classes
+        torch.manual_seed(spec.seed)  # seeds a freshly initialised classifier head
+        try:
+            return hf_class.from_pretrained(spec.pretrained, **pretrained_kwargs)
+        except OSError as exc:
+            raise CircuitKDError(f"cannot load pretrained {what} {spec.pretrained!r}: {exc}") from exc
+
+
+def _wrap(hf, architecture: str, device: torch.device, dtype: Optional[torch.dtype], **kwargs):
     from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
 
-    if spec.pretrained is not None:
-        _check_local(spec.pretrained)
-        kwargs: dict[str, Any] = {}
-        if spec.n_classes is not None:
-            kwargs["num_labels"] = spec.n_classes
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(spec.seed)
-            try:
-                hf = BertForSequenceClassification.from_pretrained(spec.pretrained, **kwargs)
-            except OSError as exc:
-                raise CircuitKDError(f"cannot load pretrained BERT {spec.pretrained!r}: {exc}") from exc
-        hc = hf.config
-        spec = spec.replace(
-            n_layers=hc.num_hidden_layers, d_model=hc.hidden_size, n_heads=hc.num_attention_heads,
-            d_mlp=hc.intermediate_size, n_ctx=hc.max_position_embeddings, d_vocab=hc.vocab_size,
-            n_classes=hc.num_labels,
-        )
-    else:
-        hc = BertConfig(
-            vocab_size=spec.d_vocab, hidden_size=spec.d_model, num_hidden_layers=spec.n_layers,
-            num_attention_heads=spec.n_heads, intermediate_size=spec.d_mlp or 4 * spec.d_model,
-            max_position_embeddings=spec.n_ctx, num_labels=spec.n_classes,
-            hidden_dropout_prob=spec.dropout, attention_probs_dropout_prob=spec.dropout,
-            hidden_act="gelu" if spec.act_fn == "gelu" else spec.act_fn,
-        )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(init_seed(spec))
-            hf = BertForSequenceClassification(hc)
     hf = hf.to(device=device, dtype=dtype) if dtype is not None else hf.to(device)
-    bridge = build_bridge_from_module(hf, "BertForMaskedLM", hf_config=hc, post_adapter_hook=_bert_post_adapter)
-    return bridge, spec
+    return build_bridge_from_module(hf, architecture, hf_config=hf.config, **kwargs)
+
+
+def _build_bert(spec: ModelSpec, device: torch.device, dtype: Optional[torch.dtype]):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = None if spec.pretrained is not None else BertConfig(
+        vocab_size=spec.d_vocab, hidden_size=spec.d_model, num_hidden_layers=spec.n_layers,
+        num_attention_heads=spec.n_heads, intermediate_size=spec.d_mlp or 4 * spec.d_model,
+        max_position_embeddings=spec.n_ctx, num_labels=spec.n_classes,
+        hidden_dropout_prob=spec.dropout, attention_probs_dropout_prob=spec.dropout,
+        hidden_act="gelu" if spec.act_fn == "gelu" else spec.act_fn,
+    )
+    hf = _hf_model(spec, BertForSequenceClassification, config, "BERT")
+    hc = hf.config
+    spec = spec.replace(
+        n_layers=hc.num_hidden_layers, d_model=hc.hidden_size, n_heads=hc.num_attention_heads,
+        d_mlp=hc.intermediate_size, n_ctx=hc.max_position_embeddings, d_vocab=hc.vocab_size,
+        n_classes=hc.num_labels,
+    )
+    return _wrap(hf, "BertForMaskedLM", device, dtype, post_adapter_hook=_bert_post_adapter), spec
 
 
 def _build_vit(spec: ModelSpec, device: torch.device, dtype: Optional[torch.dtype]):
     from transformers import ViTConfig, ViTForImageClassification
-    from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
 
-    if spec.pretrained is not None:
-        _check_local(spec.pretrained)
-        kwargs: dict[str, Any] = {"ignore_mismatched_sizes": True}
-        if spec.n_classes is not None:
-            kwargs["num_labels"] = spec.n_classes
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(spec.seed)
-            try:
-                hf = ViTForImageClassification.from_pretrained(spec.pretrained, **kwargs)
-            except OSError as exc:
-                raise CircuitKDError(f"cannot load pretrained ViT {spec.pretrained!r}: {exc}") from exc
-        vc = hf.config
-        spec = spec.replace(
-            n_layers=vc.num_hidden_layers, d_model=vc.hidden_size, n_heads=vc.num_attention_heads,
-            d_mlp=vc.intermediate_size, image_size=vc.image_size, patch_size=vc.patch_size,
-            n_channels=vc.num_channels, n_classes=vc.num_labels,
-        )
-    else:
-        vc = ViTConfig(
-            image_size=spec.image_size, patch_size=spec.patch_size, num_channels=spec.n_channels,
-            hidden_size=spec.d_model, num_hidden_layers=spec.n_layers, num_attention_heads=spec.n_heads,
-            intermediate_size=spec.d_mlp or 4 * spec.d_model, num_labels=spec.n_classes,
-            hidden_dropout_prob=spec.dropout, attention_probs_dropout_prob=spec.dropout,
-        )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(init_seed(spec))
-            hf = ViTForImageClassification(vc)
-    hf = hf.to(device=device, dtype=dtype) if dtype is not None else hf.to(device)
-    bridge = build_bridge_from_module(hf, "ViTForImageClassification", hf_config=vc)
-    return bridge, spec
+    config = None if spec.pretrained is not None else ViTConfig(
+        image_size=spec.image_size, patch_size=spec.patch_size, num_channels=spec.n_channels,
+        hidden_size=spec.d_model, num_hidden_layers=spec.n_layers, num_attention_heads=spec.n_heads,
+        intermediate_size=spec.d_mlp or 4 * spec.d_model, num_labels=spec.n_classes,
+        hidden_dropout_prob=spec.dropout, attention_probs_dropout_prob=spec.dropout,
+    )
+    hf = _hf_model(spec, ViTForImageClassification, config, "ViT", ignore_mismatched_sizes=True)
+    vc = hf.config
+    spec = spec.replace(
+        n_layers=vc.num_hidden_layers, d_model=vc.hidden_size, n_heads=vc.num_attention_heads,
+        d_mlp=vc.intermediate_size, image_size=vc.image_size, patch_size=vc.patch_size,
+        n_channels=vc.num_channels, n_classes=vc.num_labels,
+    )
+    return _wrap(hf, "ViTForImageClassification", device, dtype), spec
 
 
 def model_device(model) -> torch.device:
