@@ -277,8 +277,8 @@ def findings(cmp: dict, t_res: dict, s_res: dict, diff, comparison) -> list[str]
     lines = []
     t_sens, s_sens = t_res["patching"]["sensitivity"], s_res["patching"]["sensitivity"]
     more = "more" if s_sens > t_sens else "less"
-    lines.append(f"Flipping the shortcut moves the gold-vs-shortcut logit difference by {t_sens:+.2f} in the teacher "
-                 f"and {s_sens:+.2f} in the student: the student is {more} shortcut-sensitive.")
+    lines.append(f"Flipping the shortcut lowers logit(gold) − logit(shortcut's label) by {t_sens:.2f} in the teacher "
+                 f"and {s_sens:.2f} in the student: the student is {more} shortcut-sensitive.")
     th, tv = _top_head(t_res["patching"]["effect"])
     sh, sv = _top_head(s_res["patching"]["effect"])
     lines.append(f"Patching the clean head output into the shortcut-flipped run restores most at teacher head {th} "
