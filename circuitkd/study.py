@@ -91,7 +91,8 @@ def comparisons(cfg, rows: list[dict], *, seed: Optional[int] = None) -> list[di
     """The teacher/student pairs to analyse, by model id, for one seed (the first by default)."""
     seed = cfg.seeds[0] if seed is None else seed
     ids = {r["id"] for r in rows}
-    alpha = min(cfg.alphas) if cfg.alphas else None
+    # The KD student at the fixes' alpha, so the plain-KD pairs and the fix pairs compare alike.
+    alpha = cfg.fix_alpha if cfg.fix_alpha in cfg.alphas else (min(cfg.alphas) if cfg.alphas else None)
     a = f"{alpha:g}" if alpha is not None else None
     out: list[dict[str, str]] = []
 
