@@ -33,20 +33,25 @@ def _methods(rows: Sequence[dict]) -> list[str]:
     return methods
 
 
-def _kd_alpha(rows: Sequence[dict]) -> float | None:
-    alphas = sorted({r["alpha"] for r in rows if r.get("variant") == "kd" and r.get("alpha") is not None})
-    return alphas[0] if alphas else None
+def _kd_alphas(rows: Sequence[dict]) -> list[float]:
+    return sorted({r["alpha"] for r in rows if r.get("variant") == "kd" and r.get("alpha") is not None})
+
+
+def _series(rows: Sequence[dict], alphas: Sequence[float] | None, alone: bool) -> list[tuple[str, dict]]:
+    alphas = _kd_alphas(rows) if alphas is None else alphas
+    out = [("teacher", dict(role="teacher", variant="teacher"))]
+    out += [(f"KD student (α={a:g}{', pure KD' if a == 0 else ''})", dict(variant="kd", alpha=a)) for a in alphas]
+    if alone:
+        out.append(("student alone", dict(variant="alone")))
+    return out
 
 
 def robustness_figure(rows: Sequence[dict], *, metrics: Sequence[str] = ("ood_acc", "worst_group_acc"),
-                      alpha: float | None = None) -> go.Figure:
-    """Teacher vs its KD student vs the student trained alone, per debiasing method (bars, mean ± std)."""
-    alpha = _kd_alpha(rows) if alpha is None else alpha
+                      alphas: Sequence[float] | None = None) -> go.Figure:
+    """Teacher vs its KD students (each alpha) vs the student trained alone, per debiasing method (mean ± std)."""
     methods = _methods(rows)
     fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=[_label(m) for m in metrics])
-    series = (("teacher", dict(role="teacher", variant="teacher")),
-              (f"KD student (α={alpha:g})" if alpha is not None else "KD student", dict(variant="kd", alpha=alpha)),
-              ("student alone", dict(variant="alone")))
+    series = _series(rows, alphas, alone=True)
     for col, metric in enumerate(metrics, start=1):
         for i, (name, match) in enumerate(series):
             means, stds = [], []
@@ -62,17 +67,15 @@ def robustness_figure(rows: Sequence[dict], *, metrics: Sequence[str] = ("ood_ac
     return fig
 
 
-def per_bias_figure(rows: Sequence[dict], *, alpha: float | None = None) -> go.Figure:
-    """OOD accuracy on each bias type's conflicting examples: teacher vs KD student, per method."""
-    alpha = _kd_alpha(rows) if alpha is None else alpha
+def per_bias_figure(rows: Sequence[dict], *, alphas: Sequence[float] | None = None) -> go.Figure:
+    """OOD accuracy on each bias type's conflicting examples: teacher vs KD students, per method."""
     methods = _methods(rows)
+    series = _series(rows, alphas, alone=False)
     biases = sorted({k[len("ood_acc["):-1] for r in rows for k in r if k.startswith("ood_acc[")})
     fig = make_subplots(rows=1, cols=max(1, len(biases)), subplot_titles=[f"bias: {b}" for b in biases])
     for col, bias in enumerate(biases, start=1):
         key = f"ood_acc[{bias}]"
-        for i, (name, match) in enumerate((("teacher", dict(role="teacher", variant="teacher")),
-                                            (f"KD student (α={alpha:g})" if alpha is not None else "KD student",
-                                             dict(variant="kd", alpha=alpha)))):
+        for i, (name, match) in enumerate(series):
             stats = [_mean_std([100 * r[key] for r in _rows(rows, method=m, **match) if key in r]) for m in methods]
             fig.add_trace(go.Bar(name=name, x=methods, y=[s[0] for s in stats],
                                  error_y=dict(type="data", array=[s[1] for s in stats]),
