@@ -107,17 +107,21 @@ def paper_findings(results: dict[str, Any], analysis: Optional[dict[str, Any]] =
     lines: list[str] = []
     mean = lambda xs: statistics.fmean(xs) if xs else float("nan")  # noqa: E731
     dist = summary.get("distillability", {})
-    if dist:
-        alpha = sorted(dist, key=float)[0]
+    for alpha in sorted(dist, key=float):
         kept = {m: d["ood_acc"] for m, d in dist[alpha].items()}
         parts = [f"{m}: teacher {100 * mean(e['teacher_gain']):+.1f} → student {100 * mean(e['student_gain']):+.1f} pts"
                  for m, e in kept.items()]
+        # "Undermined" = the student keeps less than half of its teacher's gain: smaller shortfalls
+        # are within the seed noise of runs this size.
         undermined = [m for m, e in kept.items()
-                      if mean(e["teacher_gain"]) > 0 and mean(e["student_gain"]) < mean(e["teacher_gain"])]
+                      if mean(e["teacher_gain"]) > 0 and mean(e["student_gain"]) < 0.5 * mean(e["teacher_gain"])]
         gained = [m for m, e in kept.items() if mean(e["teacher_gain"]) > 0]
-        verdict = (f"holds for {len(undermined)} of the {len(gained)} methods whose teacher gained OOD accuracy"
+        verdict = (f"holds for {len(undermined)} of the {len(gained)} methods whose teacher gained OOD accuracy "
+                   f"(their student keeps less than half of the gain)"
                    if gained else "cannot be judged: no debiased teacher gained OOD accuracy over the plain one")
-        lines.append(f"Debiasing undermined after KD (α={alpha}): {verdict}. OOD gain over plain — " + "; ".join(parts) + ".")
+        kind = " (pure KD)" if float(alpha) == 0 else ""
+        lines.append(f"Debiasing undermined after KD at α={alpha}{kind}: {verdict}. OOD gain over plain — "
+                     + "; ".join(parts) + ".")
     contrib = summary.get("kd_contribution", {})
     debiased = {m: d for m, d in contrib.items() if not m.startswith("none")}
     if debiased:
