@@ -11,7 +11,10 @@ accepted removals up to the first rejection are taken at once, and only after a 
 are the remaining prefixes re-evaluated (the batch doubles while removals are accepted and
 resets to one candidate after a rejection, which wastes no evaluation on a rejected prefix). ``candidates_per_forward=1`` is the plain,
 one-removal-per-forward reference. Each edge's score is the criterion change measured
-when it was tried.
+when it was tried. On native pre-LN models the candidates are evaluated by
+:class:`~circuitkd.circuits.forward.NativeEdgeRunner` (the same edge-patched forward on the
+weights, without hooks, from the first layer any candidate ablates an edge into); elsewhere by
+the hooked :func:`~circuitkd.circuits.forward.patched_forward`.
 """
 from __future__ import annotations
 
@@ -20,13 +23,22 @@ from typing import Optional
 import torch
 
 from circuitkd.circuits.base import batches, expand_pairs
-from circuitkd.circuits.forward import patched_forward
+from circuitkd.circuits.forward import NativeEdgeRunner, native_edge_supported, patched_forward
 from circuitkd.circuits.graph import Circuit, ComponentGraph
 from circuitkd.circuits.metrics import Metric, evaluate_metric, kl_from
 from circuitkd.errors import CircuitKDError
 from circuitkd.types import PromptPairs
 
 CRITERIA = ("kl", "metric")
+
+# Evaluate candidates with NativeEdgeRunner where the model supports it (the hooked patched_forward
+# otherwise); tests and the benchmark turn it off to compare with the hooked path.
+_NATIVE_RUNNER = True
+
+
+class _Logits:
+    def __init__(self, logits):
+        self.logits = logits
 
 
 class _Evaluator:
@@ -39,16 +51,24 @@ class _Evaluator:
                                     mean_values=mean_values))
         self.n = len(pairs)
         self.forwards = 0
+        # Native pre-LN models: run the masked forward on the weights directly, from the first layer
+        # a copy ablates an edge into (same logits as patched_forward; see NativeEdgeRunner).
+        self.runners = None
+        if _NATIVE_RUNNER and native_edge_supported(model, graph) and not pairs.clean.is_floating_point():
+            self.runners = [NativeEdgeRunner(model, graph, bv.pairs.clean, bv.pairs.attention_mask, bv.clean,
+                                             bv.replacement) for bv in self.batches]
 
     def __call__(self, keep: torch.Tensor) -> torch.Tensor:
         K = keep.shape[0]
         total = torch.zeros(K, dtype=torch.float64)
         node_level = self.graph.level == "node"
-        for bv in self.batches:
+        for i, bv in enumerate(self.batches):
             B = len(bv.pairs)
             w = (~keep).float().to(bv.replacement.device)
             with torch.no_grad():
-                if node_level:
+                if self.runners is not None:
+                    run = _Logits(self.runners[i].logits(w))
+                elif node_level:
                     run = patched_forward(self.model, self.graph, bv.pairs.clean, bv.pairs.attention_mask,
                                           node_ablate=w, replacement=bv.replacement)
                 else:

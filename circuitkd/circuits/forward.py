@@ -400,3 +400,153 @@ def patched_forward(
     with hooks.edit_hooks(model, run.hook_list()):
         logits = engine_forward(model, big, big_mask)
     return PatchedRun(logits, run.leaves, run.deltas)
+
+
+# ---------------------------------------------------------------------------- native fast path
+
+
+def native_edge_supported(model, graph: ComponentGraph) -> bool:
+    """Whether :class:`NativeEdgeRunner` reproduces :func:`patched_forward` for this model and graph
+    (a pre-LN native model with learned positions, an edge-level graph without positions, token inputs)."""
+    from circuitkd.patching import fast_path_supported
+    return (graph.level == "edge" and not graph.per_position and not graph.post_ln
+            and fast_path_supported(model))
+
+
+class NativeEdgeRunner:
+    """:func:`patched_forward` with ``ablate`` for one batch, run directly on a native pre-LN
+    model's weights, without the bridge's hooks, starting at the first layer any copy ablates an
+    edge into (every layer before it is the clean run, whose residual stream is cached).
+
+    At that start layer the stream and every upstream difference are the clean run's, shared by all
+    copies, and ``LN(x + sum_s w_s D_s) @ W = ((xc + sum_s w_s Dc_s) @ (gamma W)) / sigma + beta @ W + b``
+    (``c``: centred; ``sigma^2 = |xc + sum_s w_s Dc_s|^2 / d + eps``): the projections of ``xc`` and
+    each ``Dc_s`` onto every reader and their Gram matrix are computed once per batch, and a copy
+    only mixes them. Later layers are computed per copy.
+
+    Equals :func:`patched_forward` (``ablate=..., replacement=...``) to float rounding
+    (``tests/circuits/test_methods.py`` compares them to 1e-5).
+    """
+
+    def __init__(self, model, graph: ComponentGraph, inputs: Tensor, attention_mask: Optional[Tensor],
+                 clean: SourceValues, replacement: Tensor):
+        from circuitkd.patching import NativeExecutor
+        if not native_edge_supported(model, graph):
+            raise CircuitKDError("the native edge runner needs a pre-LN native model and an edge-level graph")
+        self.g = graph
+        self.ex = ex = NativeExecutor(model)
+        B, P = inputs.shape
+        self.B, self.P = B, P
+        with torch.no_grad():
+            cache = ex.run(inputs, attention_mask, torch.zeros(B, dtype=torch.long, device=inputs.device))
+        self.blocked = cache.blocked.view(1, -1, P, P)  # [1, B|1, dest, src]
+        self.fully_blocked = ex.fully_blocked
+        self.streams = [t.detach() for t in cache.resid_pre] + [cache.resid_post[-1].detach()]
+        d = self.streams[0].shape[-1]
+        self.d = d
+        rep = replacement.to(clean.outputs.dtype)
+        rep = rep.expand(B, *rep.shape[1:]) if rep.shape[0] != B else rep
+        self.rep = rep.permute(2, 0, 1, 3).contiguous()  # [S B P d], source-major
+        self.D0 = (self.rep - clean.outputs.permute(2, 0, 1, 3)).contiguous()  # clean-run differences
+        self.layers = []
+        with torch.no_grad():
+            self._precompute(model, graph)
+        reader_layer = [graph.n_layers if node.kind == "output" else node.layer for node, _ in graph.readers]
+        self.reader_layer = torch.tensor(reader_layer)
+
+    def _precompute(self, model, graph: ComponentGraph) -> None:
+        ex = self.ex
+        for layer in range(graph.n_layers):
+            attn = model.blocks[layer].attn
+            W = torch.stack([getattr(attn, f"W_{p.upper()}").detach() for p in HEAD_PORTS], 1)  # [H 3 d e]
+            b = torch.stack([getattr(attn, f"b_{p.upper()}").detach() for p in HEAD_PORTS], 1)  # [H 3 e]
+            gamma, beta, eps = ex.layers[layer]["ln1"]
+            S = graph.n_sources_before("head", layer)
+            Y = torch.cat([self.streams[layer][None], self.D0[:S]], 0)  # [J B P d]
+            Y = (Y - Y.mean(-1, keepdim=True)).flatten(1, 2)  # [J BP d]
+            A = (gamma[None, None, :, None] * W).flatten(0, 1)  # [R d e], reader h*3+i
+            c = (torch.einsum("d,hide->hie", beta, W) + b).flatten(0, 1)  # [R e]
+            J = Y.shape[0]
+            self.layers.append(dict(
+                W=W, b=b, W_O=hooks.W_O(model, layer).detach(), b_O=hooks.b_O(model, layer).detach(),
+                P=torch.einsum("jnd,rde->rjne", Y, A).reshape(A.shape[0], J, -1).contiguous(),  # [R J BPe]
+                G=torch.einsum("jnd,lnd->jln", Y, Y).reshape(J * J, -1).contiguous(),  # [JJ BP]
+                c=c[:, None, None, :], eps=eps, S=S))
+
+    def start_layer(self, ablate: Tensor) -> int:
+        active = ((ablate != 0) & self.g.valid.to(ablate.device)).flatten(0, 1).any(0)
+        return int(self.reader_layer[active].min()) if bool(active.any()) else self.g.n_layers
+
+    def _delta(self, ablate: Tensor, Dk: Optional[Tensor], S0: int, readers, s_avail: int) -> Tensor:
+        """``[K R B*P*d]``: each reader's ``sum_s w[k, s, r] (replacement_s - current_s)`` (readers: slice or index)."""
+        wT = ablate[:, :s_avail][:, :, readers].to(self.D0.dtype).transpose(1, 2)  # [K R s]
+        out = torch.matmul(wT[:, :, :S0], self.D0[:S0].flatten(1))
+        if Dk is not None:
+            out = out + torch.matmul(wT[:, :, S0:], Dk)
+        return out
+
+    def _shared_qkv(self, ablate: Tensor, layer: int, K: int) -> Tensor:
+        """``[R K*B P e]`` reader projections at the start layer (see the class docstring)."""
+        g, sh, B, P = self.g, self.layers[layer], self.B, self.P
+        w = ablate[:, :sh["S"], g.reader_slice("head", layer)].to(self.D0.dtype)
+        U = torch.cat([torch.ones_like(w[:, :1]), w], 1)  # [K J R]: the stream, then each source
+        R, J = U.shape[2], U.shape[1]
+        Ur = U.permute(2, 0, 1)  # [R K J]
+        proj = torch.matmul(Ur, sh["P"]).view(R, K, B * P, -1)
+        UU = (Ur[:, :, :, None] * Ur[:, :, None, :]).reshape(R * K, J * J)
+        sq = torch.matmul(UU, sh["G"]).view(R, K, B * P, 1)
+        sigma = torch.sqrt(sq.clamp_min(0) / self.d + sh["eps"])
+        return (proj / sigma).view(R, K * B, P, -1) + sh["c"]
+
+    @torch.no_grad()
+    def logits(self, ablate: Tensor) -> Tensor:
+        """Logits ``[K*B pos vocab]`` (copy-major) for ``ablate`` ``[K source reader]`` (no gradients)."""
+        g, ex = self.g, self.ex
+        K, B, P, d, H = ablate.shape[0], self.B, self.P, self.d, g.n_heads
+        L0 = self.start_layer(ablate)
+        S0 = g.n_sources_before("head", L0) if L0 < g.n_layers else g.n_sources
+        x = self.streams[L0][None].expand(K, B, P, d)
+        Dk = None  # [K s B*P*d]: differences of the sources at or after the start layer
+        blocked = self.blocked
+        if blocked.shape[1] > 1 and K > 1:
+            blocked = blocked.repeat(1, K, 1, 1)
+        for layer in range(L0, g.n_layers):
+            p, wts = ex.layers[layer], self.layers[layer]
+            if layer == L0:
+                qkv = self._shared_qkv(ablate, layer, K).view(H, 3, K * B, P, -1)
+            else:
+                # readers no copy ablates an edge into read the stream itself: project LN(x) once for them
+                rs = g.reader_slice("head", layer)
+                W, b = wts["W"].flatten(0, 1), wts["b"].flatten(0, 1)[:, None]  # [R d e], [R 1 e]
+                qkv = torch.matmul(ex.ln(x.reshape(K, 1, B * P, d), p["ln1"]), W) + b  # [K R BP e]
+                idx = ((ablate[:, :wts["S"], rs] != 0).flatten(0, 1).any(0)).nonzero().flatten()
+                if idx.numel():
+                    delta = self._delta(ablate, Dk, S0, rs.start + idx, wts["S"])
+                    inp = ex.ln(x.reshape(K, 1, B * P, d) + delta.view(K, -1, B * P, d), p["ln1"])
+                    qkv[:, idx] = torch.matmul(inp, W[idx]) + b[idx]
+                qkv = qkv.view(K, H, 3, B * P, -1).permute(1, 2, 0, 3, 4).reshape(H, 3, K * B, P, -1)
+            q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # [H N P e]
+            scores = torch.matmul(q, k.transpose(-1, -2)) / ex.scale
+            scores = scores.masked_fill(blocked, float("-inf"))
+            pattern = torch.softmax(scores, dim=-1)
+            if self.fully_blocked:
+                pattern = pattern.masked_fill(blocked, 0.0)
+            z = torch.matmul(pattern, v)  # [H N P e]
+            heads = torch.matmul(z.reshape(H, K * B * P, -1), wts["W_O"])  # [H N*P d]
+            mid = x + (heads.sum(0) + wts["b_O"]).view(K, B, P, d)
+            hs = g.source_slice("head", layer)
+            diff = (self.rep[hs].reshape(H, 1, B * P * d) - heads.view(H, K, B * P * d)).transpose(0, 1)
+            Dk = diff if Dk is None else torch.cat([Dk, diff], 1)
+            if g.has_mlp:
+                mr = g.reader_slice("mlp", layer)
+                h = mid + self._delta(ablate, Dk, S0, mr, g.n_sources_before("mlp", layer)).view(K, B, P, d)
+                h = ex.act(F.linear(ex.ln(h, p["ln2"]), p["fc_in"].weight, p["fc_in"].bias))
+                out = F.linear(h, p["fc_out"].weight, p["fc_out"].bias)
+                x = mid + out
+                ms = g.source_slice("mlp", layer)
+                diff = self.rep[ms].reshape(1, 1, B * P * d) - out.reshape(K, 1, B * P * d)
+                Dk = torch.cat([Dk, diff], 1)
+            else:
+                x = mid
+        final = x + self._delta(ablate, Dk, S0, g.reader_slice("output"), g.n_sources).view(K, B, P, d)
+        return ex.logits(final).reshape(K * B, P, -1)
