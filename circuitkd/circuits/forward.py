@@ -254,14 +254,19 @@ class _EdgeForward:
         return fn
 
     def _mlp_in(self, layer):
+        return self._reader_input(("mlp", layer), self.g.reader_slice("mlp", layer).start, (layer, "mlp"),
+                                  ("mid", layer), layer, "ln2")
+
+    def _reader_input(self, snapshot_key, reader, leaf_key, stream_key, norm_layer, norm):
+        """Hook for a single-reader input (an MLP's, or the read-out's): the stream plus its ablated
+        edges' deltas, re-normalised by the block's own (pre-LN) norm."""
         g = self.g
-        readers = [g.reader_slice("mlp", layer).start]
 
         def fn(act, *, hook):
-            self._snapshot(("mlp", layer))
-            w = self._weights(readers) if self.D is not None else None
-            stream = act if g.post_ln else self.stream[("mid", layer)]
-            leaf = self._leaf((layer, "mlp"), stream.shape, stream)
+            self._snapshot(snapshot_key)
+            w = self._weights([reader]) if self.D is not None else None
+            stream = act if g.post_ln else self.stream[stream_key]
+            leaf = self._leaf(leaf_key, stream.shape, stream)
             if w is None and leaf is None:
                 return act
             x = stream
@@ -270,7 +275,7 @@ class _EdgeForward:
             if leaf is not None:
                 x = x + leaf
             if not g.post_ln:
-                ln = hooks.norm_module(self.model, layer, "ln2")
+                ln = hooks.norm_module(self.model, norm_layer, norm)
                 x = F.layer_norm(x, (x.shape[-1],), ln.weight, ln.bias, ln.eps)
             return x.to(act.dtype)
         return fn
@@ -312,26 +317,7 @@ class _EdgeForward:
         return [(name_in, keep_in), (name_out, freeze)]
 
     def _readout(self):
-        g = self.g
-        readers = [g.reader_slice("output").start]
-
-        def fn(act, *, hook):
-            self._snapshot("output")
-            w = self._weights(readers) if self.D is not None else None
-            stream = act if g.post_ln else self.stream["final"]
-            leaf = self._leaf("output", stream.shape, stream)
-            if w is None and leaf is None:
-                return act
-            x = stream
-            if w is not None:
-                x = x + self._delta(w)[:, :, 0]
-            if leaf is not None:
-                x = x + leaf
-            if not g.post_ln:
-                ln = hooks.norm_module(self.model, None, "ln_final")
-                x = F.layer_norm(x, (x.shape[-1],), ln.weight, ln.bias, ln.eps)
-            return x.to(act.dtype)
-        return fn
+        return self._reader_input("output", self.g.reader_slice("output").start, "output", "final", None, "ln_final")
 
 
 def patched_forward(
