@@ -8,7 +8,7 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor
 
-from circuitkd.circuits.forward import SourceValues, source_values
+from circuitkd.circuits.forward import SourceValues, patched_forward, source_values
 from circuitkd.circuits.graph import ComponentGraph
 from circuitkd.errors import CircuitKDError
 from circuitkd.types import PromptPairs
@@ -51,6 +51,23 @@ class BatchValues:
     clean: SourceValues
     corrupt: SourceValues
     replacement: Tensor
+
+    def ablated_metric(self, model, graph: ComponentGraph, metric, weights: Tensor, *, node_level: bool) -> Tensor:
+        """``[copies, batch]`` metric with each copy's ``weights`` ablated.
+
+        ``weights`` is ``[copies, *graph.shape]`` over edges (frozen norm scales on post-LN
+        models), or ``[copies, source]`` over node outputs when ``node_level``.
+        """
+        from circuitkd.circuits.metrics import evaluate_metric
+
+        if node_level:
+            run = patched_forward(model, graph, self.pairs.clean, self.pairs.attention_mask,
+                                  node_ablate=weights, replacement=self.replacement)
+        else:
+            run = patched_forward(model, graph, self.pairs.clean, self.pairs.attention_mask, ablate=weights,
+                                  replacement=self.replacement, norm_scales=self.clean.norm_scales)
+        copies = weights.shape[0]
+        return evaluate_metric(metric, run.logits, expand_pairs(self.pairs, copies)).double().view(copies, len(self.pairs))
 
 
 def batches(model, graph: ComponentGraph, pairs: PromptPairs, *, batch_size: int,

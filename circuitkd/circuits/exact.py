@@ -12,8 +12,7 @@ from typing import Optional
 
 import torch
 
-from circuitkd.circuits.base import batches, expand_pairs
-from circuitkd.circuits.forward import patched_forward
+from circuitkd.circuits.base import batches
 from circuitkd.circuits.graph import Circuit, ComponentGraph
 from circuitkd.circuits.metrics import Metric, evaluate_metric
 from circuitkd.errors import CircuitKDError
@@ -42,13 +41,7 @@ def exact(model, pairs: PromptPairs, *, metric: Metric, graph: ComponentGraph, a
                 w = torch.zeros(C, valid.numel(), device=bv.replacement.device)
                 w[torch.arange(C), chunk.to(w.device)] = 1.0
                 w = w.view(C, *valid.shape)
-                if node_level:
-                    run = patched_forward(model, graph, bv.pairs.clean, bv.pairs.attention_mask,
-                                          node_ablate=w, replacement=bv.replacement)
-                else:
-                    run = patched_forward(model, graph, bv.pairs.clean, bv.pairs.attention_mask, ablate=w,
-                                          replacement=bv.replacement, norm_scales=bv.clean.norm_scales)
-                m = evaluate_metric(metric, run.logits, expand_pairs(bv.pairs, C)).double().view(C, B)
+                m = bv.ablated_metric(model, graph, metric, w, node_level=node_level)
                 totals[chunk] += m.sum(1).cpu()
         n += B
     scores = torch.where(valid.flatten(), totals / n - clean_total / n, torch.zeros_like(totals))

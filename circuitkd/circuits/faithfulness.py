@@ -16,10 +16,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from circuitkd.circuits.base import batches, check_pairs, expand_pairs
-from circuitkd.circuits.forward import patched_forward
+from circuitkd.circuits.base import batches, check_pairs
 from circuitkd.circuits.graph import Circuit
-from circuitkd.circuits.metrics import Metric, evaluate_metric, resolve_metric
+from circuitkd.circuits.metrics import Metric, resolve_metric
 from circuitkd.errors import CircuitKDError
 from circuitkd.types import PromptPairs
 
@@ -53,19 +52,12 @@ def masked_metrics(model, pairs: PromptPairs, circuit: Circuit, masks: torch.Ten
     graph = circuit.graph
     totals = torch.zeros(masks.shape[0], dtype=torch.float64)
     for bv in batches(model, graph, pairs, batch_size=batch_size, ablation=ablation, mean_values=mean_values):
-        B = len(bv.pairs)
         for start in range(0, masks.shape[0], masks_per_forward):
             chunk = masks[start:start + masks_per_forward]
             K = chunk.shape[0]
             w = (~chunk).float().to(bv.replacement.device)
             with torch.no_grad():
-                if graph.level == "node":
-                    run = patched_forward(model, graph, bv.pairs.clean, bv.pairs.attention_mask,
-                                          node_ablate=w, replacement=bv.replacement)
-                else:
-                    run = patched_forward(model, graph, bv.pairs.clean, bv.pairs.attention_mask, ablate=w,
-                                          replacement=bv.replacement, norm_scales=bv.clean.norm_scales)
-            m = evaluate_metric(metric, run.logits, expand_pairs(bv.pairs, K)).double().view(K, B)
+                m = bv.ablated_metric(model, graph, metric, w, node_level=graph.level == "node")
             totals[start:start + K] += m.sum(1).cpu()
     return totals / len(pairs)
 

@@ -13,8 +13,7 @@ from typing import Optional
 
 import torch
 
-from circuitkd.circuits.base import batches, expand_pairs
-from circuitkd.circuits.forward import patched_forward
+from circuitkd.circuits.base import batches
 from circuitkd.circuits.graph import ComponentGraph
 from circuitkd.circuits.metrics import Metric, evaluate_metric, resolve_metric
 from circuitkd.types import PromptPairs
@@ -32,18 +31,14 @@ def node_effects(model, graph: ComponentGraph, pairs: PromptPairs, *, metric: Me
     base = 0.0
     eye = torch.eye(S)
     for bv in batches(model, graph, pairs, batch_size=batch_size, ablation=ablation):
-        B = len(bv.pairs)
         with torch.no_grad():
             if frozen:
                 w = eye[:, :, None] * graph.valid.float()[None]
                 if graph.per_position:
                     w = w[:, None].expand(S, graph.n_pos, S, graph.n_readers)
-                run = patched_forward(model, graph, bv.pairs.clean, bv.pairs.attention_mask, ablate=w,
-                                      replacement=bv.replacement, norm_scales=bv.clean.norm_scales)
+                m = bv.ablated_metric(model, graph, metric, w, node_level=False)
             else:
-                run = patched_forward(model, graph, bv.pairs.clean, bv.pairs.attention_mask, node_ablate=eye,
-                                      replacement=bv.replacement)
-            m = evaluate_metric(metric, run.logits, expand_pairs(bv.pairs, S)).double().view(S, B)
+                m = bv.ablated_metric(model, graph, metric, eye, node_level=True)
             totals += m.sum(1).cpu()
             base += float(evaluate_metric(metric, bv.clean.logits, bv.pairs).double().sum())
     return ((totals - base) / len(pairs)).float()
