@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
-from circuitkd.engine import forward, grad_context, iter_batches, model_device
+from circuitkd.engine import forward, iter_batches, model_device
 from circuitkd.errors import CircuitKDError
 from circuitkd.hooks import (
     Site, backbone_of, capture_hooks, edit_hooks, edit_point, has_mlp, hook_name, n_heads, n_layers,
@@ -506,7 +506,6 @@ def _layer(ex: NativeExecutor, c: _NativeCache, i: int, state: tuple) -> tuple:
         raise CircuitKDError("internal: a read-out state cannot enter another layer")  # pragma: no cover
     if kind == "sparse":
         _, pos, vec = state
-        N = pos.shape[0]
         h = ex.ln(vec, p["ln1"])
         qp, kp, vp = ex.heads(p["q"], h), ex.heads(p["k"], h), ex.heads(p["v"], h)  # [N,B,H,dh]
         K, V = _scatter_pos(c.k[i], pos, kp), _scatter_pos(c.v[i], pos, vp)  # [N,B,P,H,dh]
@@ -917,9 +916,6 @@ def patch(
         )
     if method == "auto":
         method = "fast" if fast_ok else "stacked"
-    base_all, src_all = _direction_inputs(pairs, direction)
-    if cross:  # both models read the same input
-        src_all = base_all
     source = source_model if cross else model
     L, H = n_layers(model), n_heads(model)
     P = _n_positions(model, pairs)

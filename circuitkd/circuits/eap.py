@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from circuitkd.circuits.base import batches
-from circuitkd.circuits.forward import patched_forward, source_values
+from circuitkd.circuits.forward import patched_forward
 from circuitkd.circuits.graph import HEAD_PORTS, Circuit, ComponentGraph
 from circuitkd.circuits.metrics import Metric, evaluate_metric
 from circuitkd.errors import CircuitKDError

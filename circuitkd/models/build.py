@@ -6,7 +6,6 @@ as a BERT bridge whose unembedding is the classifier, and HF ``ViTForImageClassi
 """
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any, Optional
 

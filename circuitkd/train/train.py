@@ -9,10 +9,9 @@ import torch
 
 from circuitkd.config import ModelSpec, TrainCfg
 from circuitkd.data.task import Task
-from circuitkd.errors import CircuitKDError
 from circuitkd.models.build import build_model
 from circuitkd.models.checkpoint import is_checkpoint, load_checkpoint, save_checkpoint
-from circuitkd.train.loop import LossFn, TrainResult, cross_entropy_loss, is_main_process, train_loop
+from circuitkd.train.loop import LossFn, cross_entropy_loss, is_main_process, train_loop
 
 
 def partial_dir(checkpoint: str | Path) -> Path:

@@ -6,7 +6,6 @@ from circuitkd.errors import CircuitKDError
 from circuitkd.models import build_model, class_logits, is_checkpoint
 from circuitkd.train import train_loop, train_model
 from circuitkd.train.train import partial_dir
-from tests.conftest import toy_text_task
 
 CFG = TrainCfg(steps=30, batch_size=32, lr=3e-3, progress=False)
 SPEC = ModelSpec.preset("tiny")
