@@ -152,6 +152,7 @@ def analyse_run(run_dir: str | Path, *, n_pairs: int = 96, n_attention: int = 25
     """Analyse the teacher/student pairs of a finished run; writes ``<run>/analysis/`` and returns its dict."""
     from circuitkd.attention import diff_attention
     from circuitkd.circuits import compare_circuits
+    from circuitkd.circuits.compare import head_matching
     from circuitkd.config import ExperimentCfg
     from circuitkd.experiment import load_task
     from circuitkd.models import load_checkpoint
@@ -197,7 +198,11 @@ def analyse_run(run_dir: str | Path, *, n_pairs: int = 96, n_attention: int = 25
         t0 = time.perf_counter()
         diff = diff_attention(teacher, student, task, split="ood_test", n=n_attention, batch_size=64)
         t_res, s_res = per_model[cmp["teacher"]], per_model[cmp["student"]]
-        comparison = compare_circuits(t_res["circuit"], s_res["circuit"])
+        # Heads matched by function (their attention patterns), MLPs by relative depth.
+        comparison = compare_circuits(
+            t_res["circuit"], s_res["circuit"],
+            matching=head_matching(t_res["circuit"], s_res["circuit"], diff.matching),
+            matching_name=f"heads by attention pattern ({diff.matching_method}), MLPs by relative depth")
         log(f"  attention diff + circuit comparison in {time.perf_counter() - t0:.1f}s")
         name = cmp["name"]
         figures[f"{name}__attention_heatmaps"] = viz_attention.shortcut_heatmaps(diff)

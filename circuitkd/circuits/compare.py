@@ -43,6 +43,21 @@ class CircuitComparison:
         }
 
 
+def head_matching(teacher: Circuit, student: Circuit,
+                  pairs: list[tuple[tuple[int, int], tuple[int, int], float]]) -> dict[Node, Optional[Node]]:
+    """Teacher node -> student node with heads matched by function: ``pairs`` of
+    ``((student layer, head), (teacher layer, head), similarity)`` as
+    :attr:`circuitkd.attention.AttentionDiff.matching` holds them. Unmatched teacher heads map
+    to None; the embedding, MLPs and output keep the relative-depth matching."""
+    out = depth_matching(teacher, student)
+    for node in out:
+        if node.kind == "head":
+            out[node] = None
+    for (sl, sh), (tl, th), _ in pairs:
+        out[Node("head", tl, th)] = Node("head", sl, sh)
+    return out
+
+
 def depth_matching(teacher: Circuit, student: Circuit) -> dict[Node, Optional[Node]]:
     """Teacher node -> student node by relative depth (heads keep their index where it exists)."""
     gt, gs = teacher.graph, student.graph
@@ -73,12 +88,17 @@ def _map_edge(edge: Edge, node_map) -> Optional[Edge]:
 
 
 def compare_circuits(teacher_circuit: Circuit, student_circuit: Circuit, *,
-                     matching: Optional[dict] = None, shortcut_k: int = 5) -> CircuitComparison:
-    """Shared, lost and new edges between a teacher's and a student's circuit, with verdicts."""
+                     matching: Optional[dict] = None, shortcut_k: int = 5,
+                     matching_name: Optional[str] = None) -> CircuitComparison:
+    """Shared, lost and new edges between a teacher's and a student's circuit, with verdicts.
+
+    ``matching``: teacher :class:`Node` -> student Node (or None); by relative depth when None.
+    ``matching_name`` says how it was made, for the verdicts (e.g. "heads by attention pattern").
+    """
     if teacher_circuit.graph.per_position != student_circuit.graph.per_position:
         raise CircuitKDError("compare circuits of the same kind: both per-position or both not")
     node_map = matching if matching is not None else depth_matching(teacher_circuit, student_circuit)
-    how = "by function (given matching)" if matching is not None else "by relative depth"
+    how = matching_name or ("by function (given matching)" if matching is not None else "by relative depth")
     t_edges, s_edges = set(_edges(teacher_circuit)), set(_edges(student_circuit))
     mapped = {e: _map_edge(e, node_map) for e in t_edges}
     shared = sorted(e for e, m in mapped.items() if m is not None and m in s_edges)

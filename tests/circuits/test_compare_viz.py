@@ -57,3 +57,21 @@ def test_figures_are_plotly_figures():
     assert all(isinstance(f, go.Figure) and len(f.data) > 0 for f in figs)
     assert "CPR" in figs[2].data[0].name
     assert len(cmp.lost) == 0 and len(cmp.new) == 0
+
+
+def test_head_matching_from_attention_overrides_depth_for_heads_only():
+    from circuitkd.circuits.compare import head_matching
+
+    head = lambda l, h: Node("head", l, h)  # noqa: E731
+    teacher = _circuit(4, {Edge(head(3, 1), Node("output")): -3.0})
+    student = _circuit(2, {Edge(head(0, 1), Node("output")): -2.0})
+    # student head 0.1 behaves like teacher head 3.1 (as diff_attention's matching would say)
+    node_map = head_matching(teacher, student, [((0, 1), (3, 1), 0.9), ((1, 0), (0, 0), 0.8)])
+    assert node_map[head(3, 1)] == head(0, 1) and node_map[head(0, 0)] == head(1, 0)
+    assert node_map[head(2, 0)] is None  # unmatched teacher heads have no counterpart
+    assert node_map[Node("mlp", 3)] == Node("mlp", 1) and node_map[Node("embed")] == Node("embed")
+    cmp = ckd.compare_circuits(teacher, student, matching=node_map, matching_name="heads by attention pattern")
+    assert cmp.shared == [Edge(head(3, 1), Node("output"))] and not cmp.lost and not cmp.new
+    assert cmp.verdicts[0] == "components matched heads by attention pattern"
+    # by relative depth the same pair of circuits shares nothing
+    assert ckd.compare_circuits(teacher, student).shared == []
