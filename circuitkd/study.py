@@ -203,6 +203,7 @@ def analyse_run(run_dir: str | Path, *, n_pairs: int = 96, n_attention: int = 25
             t_res["circuit"], s_res["circuit"],
             matching=head_matching(t_res["circuit"], s_res["circuit"], diff.matching),
             matching_name=f"heads by attention pattern ({diff.matching_method}), MLPs by relative depth")
+        by_depth = compare_circuits(t_res["circuit"], s_res["circuit"])
         log(f"  attention diff + circuit comparison in {time.perf_counter() - t0:.1f}s")
         name = cmp["name"]
         figures[f"{name}__attention_heatmaps"] = viz_attention.shortcut_heatmaps(diff)
@@ -228,7 +229,8 @@ def analyse_run(run_dir: str | Path, *, n_pairs: int = 96, n_attention: int = 25
             "circuit_comparison": comparison.to_dict(),
             "teacher_circuit_top": t_res["circuit_top"], "student_circuit_top": s_res["circuit_top"],
             "teacher_faithfulness": t_res["faithfulness"], "student_faithfulness": s_res["faithfulness"],
-            "findings": findings(cmp, t_res, s_res, diff, comparison),
+            "circuit_comparison_by_depth": by_depth.to_dict(),
+            "findings": findings(cmp, t_res, s_res, diff, comparison, by_depth),
         })
 
     analysis = {
@@ -278,7 +280,7 @@ def _top_head(effect: list) -> tuple[str, float]:
     return f"{layer}.{head}", float(t[layer, head])
 
 
-def findings(cmp: dict, t_res: dict, s_res: dict, diff, comparison) -> list[str]:
+def findings(cmp: dict, t_res: dict, s_res: dict, diff, comparison, by_depth=None) -> list[str]:
     """One line per finding, in words, with the numbers behind it."""
     lines = []
     t_sens, s_sens = t_res["patching"]["sensitivity"], s_res["patching"]["sensitivity"]
@@ -295,6 +297,10 @@ def findings(cmp: dict, t_res: dict, s_res: dict, diff, comparison) -> list[str]
                  f"{s_mean:.3f} per student head ({'higher' if s_mean > t_mean else 'lower'} in the student; "
                  f"heads matched {diff.matching_method}).")
     lines.extend(comparison.verdicts)
+    if by_depth is not None:
+        n_t = len(by_depth.shared) + len(by_depth.lost)
+        lines.append(f"Matched by relative depth instead (heads keep their index, which means little for a "
+                     f"student not initialised from the teacher), {len(by_depth.shared)}/{n_t} teacher edges survive.")
     for who, res in (("teacher", t_res), ("student", s_res)):
         f = res["faithfulness"]
         if "error" not in f:
