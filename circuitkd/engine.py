@@ -34,6 +34,7 @@ from torch import Tensor
 
 from circuitkd.errors import CircuitKDError
 from circuitkd.hooks import Site, all_sites, capture_hooks, check_site, edit_hooks, n_heads, n_layers
+from circuitkd.models.build import model_device
 from circuitkd.types import PromptPairs
 
 
@@ -46,10 +47,6 @@ class Batch:
     inputs: Tensor
     attention_mask: Optional[Tensor]
     index: slice
-
-
-def model_device(model) -> torch.device:
-    return next(model.parameters()).device
 
 
 def pad_right(seqs: Sequence[Tensor], pad_id: int = 0) -> tuple[Tensor, Tensor]:

@@ -11,13 +11,10 @@ from torch import Tensor
 from circuitkd.circuits.forward import SourceValues, patched_forward, source_values
 from circuitkd.circuits.graph import ComponentGraph
 from circuitkd.errors import CircuitKDError
+from circuitkd.models.build import model_device
 from circuitkd.types import PromptPairs
 
 ABLATIONS = ("corrupt", "mean", "zero")
-
-
-def model_device(model) -> torch.device:
-    return next(model.parameters()).device
 
 
 def check_pairs(model, pairs: PromptPairs) -> None:
