@@ -326,7 +326,8 @@ def run_experiment(cfg: ExperimentCfg, out: str | Path, *, log: Callable[[str], 
 # ------------------------------------------------------------------------- summary
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample std of ``values``, ignoring None/NaN; (nan, nan) when none are left."""
     values = [v for v in values if v is not None and not math.isnan(v)]
     if not values:
         return float("nan"), float("nan")
@@ -336,7 +337,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def _pm(values: list[float], scale: float = 100.0) -> str:
-    mean, std = _mean_std(values)
+    mean, std = mean_std(values)
     if math.isnan(mean):
         return "–"
     return f"{scale * mean:.1f} ± {scale * std:.1f}"
@@ -402,7 +403,7 @@ def summarise(cfg: ExperimentCfg, rows: list[dict]) -> dict[str, Any]:
             for metric in metrics:
                 t_gain = diffs(("teacher", m, None, None), ("teacher", "none", None, None), metric)
                 s_gain = diffs(("kd", m, a, None), ("kd", "none", a, None), metric)
-                tm, sm = _mean_std(t_gain)[0], _mean_std(s_gain)[0]
+                tm, sm = mean_std(t_gain)[0], mean_std(s_gain)[0]
                 kept = sm / tm if tm and not math.isnan(tm) and abs(tm) > 1e-9 else float("nan")
                 d[metric] = {"teacher_gain": t_gain, "student_gain": s_gain, "kept": kept}
             distill[_fmt_alpha(a)][m] = d

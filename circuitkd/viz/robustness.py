@@ -5,20 +5,14 @@ mean ± std over seeds.
 """
 from __future__ import annotations
 
-import statistics
 from typing import Any, Sequence
 
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from circuitkd.experiment import mean_std
+
 _PALETTE = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c")
-
-
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    vals = [v for v in values if v is not None and v == v]
-    if not vals:
-        return float("nan"), 0.0
-    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
 
 def _rows(rows: Sequence[dict], **match: Any) -> list[dict]:
@@ -56,7 +50,7 @@ def robustness_figure(rows: Sequence[dict], *, metrics: Sequence[str] = ("ood_ac
         for i, (name, match) in enumerate(series):
             means, stds = [], []
             for m in methods:
-                mean, std = _mean_std([100 * r[metric] for r in _rows(rows, method=m, **match)])
+                mean, std = mean_std([100 * r[metric] for r in _rows(rows, method=m, **match)])
                 means.append(mean)
                 stds.append(std)
             fig.add_trace(go.Bar(name=name, x=methods, y=means, error_y=dict(type="data", array=stds),
@@ -76,7 +70,7 @@ def per_bias_figure(rows: Sequence[dict], *, alphas: Sequence[float] | None = No
     for col, bias in enumerate(biases, start=1):
         key = f"ood_acc[{bias}]"
         for i, (name, match) in enumerate(series):
-            stats = [_mean_std([100 * r[key] for r in _rows(rows, method=m, **match) if key in r]) for m in methods]
+            stats = [mean_std([100 * r[key] for r in _rows(rows, method=m, **match) if key in r]) for m in methods]
             fig.add_trace(go.Bar(name=name, x=methods, y=[s[0] for s in stats],
                                  error_y=dict(type="data", array=[s[1] for s in stats]),
                                  marker_color=_PALETTE[i], showlegend=col == 1, legendgroup=name), row=1, col=col)
@@ -98,8 +92,8 @@ def fixes_figure(rows: Sequence[dict], *, metrics: Sequence[str] = ("ood_acc", "
     labels = [f"KD (α={fix_alpha:g})" if fix_alpha is not None else "KD"] + [f"+{f}" for f in fixes]
     for col, metric in enumerate(metrics, start=1):
         for i, m in enumerate(methods):
-            stats = [_mean_std([100 * r[metric] for r in _rows(rows, variant="kd", alpha=fix_alpha, method=m)])]
-            stats += [_mean_std([100 * r[metric] for r in _rows(rows, variant="fix", fix=f, method=m)]) for f in fixes]
+            stats = [mean_std([100 * r[metric] for r in _rows(rows, variant="kd", alpha=fix_alpha, method=m)])]
+            stats += [mean_std([100 * r[metric] for r in _rows(rows, variant="fix", fix=f, method=m)]) for f in fixes]
             fig.add_trace(go.Bar(name=f"{m} teacher", x=labels, y=[s[0] for s in stats],
                                  error_y=dict(type="data", array=[s[1] for s in stats]),
                                  marker_color=_PALETTE[i % len(_PALETTE)], showlegend=col == 1, legendgroup=m),
