@@ -147,13 +147,10 @@ def _patch(args: argparse.Namespace) -> int:
     order = flat.abs().argsort(descending=True)[: args.top]
     _log(f"{args.site} patching ({args.direction}, {res.method}): metric clean {res.clean:+.3f}, "
          f"corrupt {res.corrupt:+.3f}; axes {res.axes}")
+    import torch
+
     for i in order.tolist():
-        idx = []
-        rest = i
-        for size in reversed(values.shape):
-            idx.append(rest % size)
-            rest //= size
-        idx = tuple(reversed(idx))
+        idx = [int(j) for j in torch.unravel_index(torch.tensor(i), values.shape)]
         print(f"{'.'.join(map(str, idx)):>10}  {float(flat[i]):+.4f}")
     if args.out:
         Path(args.out).write_text(json.dumps({"axes": list(res.axes), "values": values.tolist(),

@@ -101,11 +101,11 @@ def _slug(text: str) -> str:
 
 def paper_findings(results: dict[str, Any], analysis: Optional[dict[str, Any]] = None) -> list[str]:
     """Whether the paper's findings hold in this run, one sentence each, from the summary numbers."""
-    import statistics
+    from circuitkd.experiment import mean_std
 
     summary = results.get("summary", {})
     lines: list[str] = []
-    mean = lambda xs: statistics.fmean(xs) if xs else float("nan")  # noqa: E731
+    mean = lambda xs: mean_std(xs)[0]  # noqa: E731
     dist = summary.get("distillability", {})
     for alpha in sorted(dist, key=float):
         kept = {m: d["ood_acc"] for m, d in dist[alpha].items()}
