@@ -1,0 +1,44 @@
+"""Every module of the package and every script under analyses/ and benchmarks/ imports.
+
+Run in the fresh virtual environment ``.ci/run`` builds, this turns an undeclared dependency
+(a package installed by hand on one machine only) into a failing test instead of a broken
+``circuitkd figures`` on the next machine.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import pkgutil
+from pathlib import Path
+
+import pytest
+
+import circuitkd
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULES = sorted(m.name for m in pkgutil.walk_packages(circuitkd.__path__, prefix="circuitkd."))
+SCRIPTS = sorted(p for folder in ("analyses", "benchmarks") for p in (ROOT / folder).glob("*.py"))
+
+
+def test_the_package_has_modules_and_scripts_to_check():
+    assert "circuitkd.cli" in MODULES and "circuitkd.figures" in MODULES
+    assert any(p.parent.name == "analyses" for p in SCRIPTS)
+    assert any(p.parent.name == "benchmarks" for p in SCRIPTS)
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_module_imports(name):
+    importlib.import_module(name)
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_script_imports(path):
+    spec = importlib.util.spec_from_file_location(f"_script_{path.parent.name}_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # scripts guard their work behind __main__
+
+
+@pytest.mark.parametrize("requirement", ["kaleido", "PIL", "plotly", "scipy", "mlxtend"])
+def test_runtime_dependencies_are_installed(requirement):
+    # PNG export and the image loaders need these at run time, not at import time.
+    importlib.import_module(requirement)
