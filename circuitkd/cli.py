@@ -130,9 +130,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _pairs(args: argparse.Namespace, task):
-    from circuitkd.study import shortcut_pairs
-
-    return shortcut_pairs(task, args.n, seed=args.seed, bias=args.bias)
+    return task.shortcut_pairs(args.n, bias=args.bias, seed=args.seed)
 
 
 def _patch(args: argparse.Namespace) -> int:

@@ -10,12 +10,10 @@ student made with each fix — and for each runs, on the same bias-conflicting i
 * circuit discovery (EAP-IG by default) in both models, their faithfulness curves, and the
   teacher-vs-student circuit comparison (:func:`circuitkd.compare_circuits`).
 
-The shortcut contrast (:func:`shortcut_pairs`): a clean input whose shortcut is absent or
-agrees with the gold label, and a corrupt one — the same text or image with one minimal
-edit — where the shortcut now points to another label. ``clean_answer`` is the gold label
-and ``corrupt_answer`` the label the shortcut pushes the corrupt input towards, so the
-default logit-difference metric measures how far the model holds the gold label against the
-shortcut, and its drop from clean to corrupt is the model's shortcut sensitivity.
+The inputs are the task's shortcut contrast (:meth:`circuitkd.data.Task.shortcut_pairs`):
+``clean_answer`` is the gold label and ``corrupt_answer`` the label the flipped shortcut
+pushes the corrupt input towards, so the drop of the default logit-difference metric from
+clean to corrupt is the model's shortcut sensitivity.
 
 Everything is written under ``<run>/analysis/``: ``analysis.json`` (every number, every
 summary line), ``circuits/*.json`` (reloadable circuits) and ``figures/*.json`` (plotly).
@@ -33,58 +31,6 @@ from circuitkd.errors import CircuitKDError
 from circuitkd.types import PromptPairs
 
 ANALYSIS_DIR = "analysis"
-
-
-def shortcut_pairs(task, n: int = 128, *, seed: int = 0, bias: Optional[str] = None) -> PromptPairs:
-    """``n`` clean/corrupt pairs where only the corrupt input's shortcut disagrees with the gold label.
-
-    Drawn from ``task.counterfactual_pairs(flip="shortcut")``; pairs whose shortcut conflicts
-    on the clean side instead are swapped, pairs where neither side conflicts are dropped.
-    ``clean_answer`` = gold label, ``corrupt_answer`` = the shortcut's label on the corrupt input;
-    ``meta["bias"]`` names the flipped shortcut of each pair. Other shortcuts, untouched by
-    the edit, are the same on both sides.
-    """
-    if n < 1:
-        raise CircuitKDError(f"need at least one pair, got n={n}")
-    kept: list[PromptPairs] = []
-    total, attempt = 0, 0
-    while total < n and attempt < 8:
-        raw = task.counterfactual_pairs(max(2 * n, 64), flip="shortcut", bias=bias, seed=seed + 7919 * attempt)
-        attempt += 1
-        if raw.meta is None or "clean_bias_label" not in raw.meta:
-            raise CircuitKDError(f"task {task.name!r} pairs carry no shortcut labels (meta clean/corrupt_bias_label)")
-        gold = raw.clean_answer
-        cb, xb = raw.meta["clean_bias_label"], raw.meta["corrupt_bias_label"]
-        forward = ((cb < 0) | (cb == gold)) & (xb >= 0) & (xb != gold)
-        backward = ((xb < 0) | (xb == gold)) & (cb >= 0) & (cb != gold)
-        for mask, swap in ((forward, False), (backward, True)):
-            idx = mask.nonzero().flatten()
-            if not len(idx):
-                continue
-            clean, corrupt = (raw.corrupt, raw.clean) if swap else (raw.clean, raw.corrupt)
-            bias_label = cb if swap else xb
-            names = raw.meta.get("bias")
-            kept.append(PromptPairs(
-                clean=clean[idx], corrupt=corrupt[idx], clean_answer=gold[idx], corrupt_answer=bias_label[idx],
-                attention_mask=None if raw.attention_mask is None else raw.attention_mask[idx],
-                position=raw.position,
-                meta={"bias": [names[i] if names is not None else bias for i in idx.tolist()]}))
-            total += len(idx)
-    if total == 0:
-        raise CircuitKDError(f"task {task.name!r} produced no pairs whose shortcut conflicts with the gold label")
-    pairs = PromptPairs(
-        clean=torch.cat([p.clean for p in kept])[:n], corrupt=torch.cat([p.corrupt for p in kept])[:n],
-        clean_answer=torch.cat([p.clean_answer for p in kept])[:n],
-        corrupt_answer=torch.cat([p.corrupt_answer for p in kept])[:n],
-        attention_mask=None if kept[0].attention_mask is None else torch.cat([p.attention_mask for p in kept])[:n],
-        position=kept[0].position,
-        meta={"kind": "shortcut-conflict", "seed": seed, "bias": [b for p in kept for b in p.meta["bias"]][:n]})
-    if pairs.attention_mask is not None:
-        width = int(pairs.attention_mask.sum(1).max())
-        pairs = PromptPairs(clean=pairs.clean[:, :width], corrupt=pairs.corrupt[:, :width],
-                            clean_answer=pairs.clean_answer, corrupt_answer=pairs.corrupt_answer,
-                            attention_mask=pairs.attention_mask[:, :width], position=pairs.position, meta=pairs.meta)
-    return pairs
 
 
 def comparisons(cfg, rows: list[dict], *, seed: Optional[int] = None) -> list[dict[str, str]]:
@@ -173,7 +119,7 @@ def analyse_run(run_dir: str | Path, *, n_pairs: int = 96, n_attention: int = 25
     todo = comparisons(cfg, rows, seed=seed)
     if not todo:
         raise CircuitKDError(f"run {run_dir} has no teacher/student pair to analyse")
-    pairs = shortcut_pairs(task, n_pairs, seed=cfg.seeds[0] if seed is None else seed)
+    pairs = task.shortcut_pairs(n_pairs, seed=cfg.seeds[0] if seed is None else seed)
     circuit_kwargs = dict(circuit_kwargs if circuit_kwargs is not None else
                           ({"steps": 8} if circuit_method == "eap-ig" else {}))
     t_start = time.perf_counter()

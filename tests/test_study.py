@@ -10,50 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import circuitkd as ckd
 from circuitkd.circuits import Circuit
-from circuitkd.data.synthetic_nli import shortcut_labels
 from circuitkd.errors import CircuitKDError
 from circuitkd.figures import FIGURES
 from circuitkd.report import FIGURE_ORDER, markdown_to_html, write_report
-from circuitkd.study import shortcut_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def test_shortcut_pairs_conflict_only_on_the_corrupt_side():
-    task = ckd.data.synthetic_nli(seed=0, n_train=600, n_id=200, n_ood=200)
-    pairs = shortcut_pairs(task, 40, seed=1)
-    assert len(pairs) == 40 and pairs.clean.shape == pairs.corrupt.shape
-    assert (pairs.clean_answer != pairs.corrupt_answer).all()
-    tok = task.tokenizer
-    for i in range(len(pairs)):
-        gold = int(pairs.clean_answer[i])
-        bias = pairs.meta["bias"][i]
-        clean = _shortcut_votes(tok, pairs.clean[i], pairs.attention_mask[i])
-        corrupt = _shortcut_votes(tok, pairs.corrupt[i], pairs.attention_mask[i])
-        assert clean.get(bias, gold) == gold, (i, bias, clean)
-        assert corrupt[bias] == int(pairs.corrupt_answer[i]) != gold, (i, bias, corrupt)
-        assert (pairs.clean[i] != pairs.corrupt[i]).sum() <= 2
-
-
-def _shortcut_votes(tok, ids, mask):
-    premise, hypothesis = _split(tok, ids[mask.bool()].tolist())
-    return {k: v for k, v in shortcut_labels(premise, hypothesis).items() if v >= 0 and k in ("overlap", "negation", "cue")}
-
-
-def _split(tok, ids):
-    sep = tok.sep_token_id
-    first = ids.index(sep)
-    words = lambda xs: tok.decode(xs, skip_special_tokens=True)  # noqa: E731
-    return words(ids[1:first]), words(ids[first + 1:-1])
-
-
-def test_shortcut_pairs_on_colored_mnist():
-    task = ckd.data.colored_mnist(seed=0, n_train=200, n_id=100, n_ood=100)
-    pairs = shortcut_pairs(task, 16)
-    assert pairs.clean.shape == (16, 3, 28, 28)
-    assert (pairs.clean_answer != pairs.corrupt_answer).all()
 
 
 def test_analysis_covers_every_pair_that_matters(quick_run):

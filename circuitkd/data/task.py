@@ -210,6 +210,8 @@ class Task:
         ``flip="shortcut"``: the corrupt input flips only the shortcut (``bias`` picks which;
         None mixes all), so its true label stays and the shortcut's prediction changes.
         ``flip="label"``: the corrupt input flips only the true label, the shortcut kept.
+        Both sides' answers are their gold labels, so with ``flip="shortcut"`` they agree: for
+        patching and circuits use :meth:`shortcut_pairs`, which contrasts gold with the shortcut.
         """
         if flip not in ("shortcut", "label"):
             raise CircuitKDError(f"flip must be 'shortcut' or 'label', got {flip!r}")
@@ -218,6 +220,60 @@ class Task:
         if self.pair_fn is None:
             raise CircuitKDError(f"task {self.name!r} cannot generate counterfactual pairs")
         return self.pair_fn(n=n, flip=flip, bias=bias, seed=seed)
+
+    def shortcut_pairs(self, n: int = 256, bias: str | None = None, seed: int = 0) -> PromptPairs:
+        """``n`` pairs that contrast the gold label with a shortcut's: the input to patching and circuits.
+
+        The clean input's shortcut is absent or agrees with the gold label; the corrupt input is
+        the same text or image with one minimal edit after which the shortcut (``bias``; None
+        mixes all) points to another label. ``clean_answer`` is the gold label (the same on both
+        sides) and ``corrupt_answer`` the shortcut's label on the corrupt input, so the default
+        logit-difference metric measures how far a model holds the gold label against the
+        shortcut. ``meta["bias"]`` names each pair's flipped shortcut. Text pairs are cut to the
+        longest real length among them.
+
+        Built from ``counterfactual_pairs(flip="shortcut")``: pairs whose shortcut conflicts on
+        the clean side are swapped, pairs where neither side conflicts are dropped.
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise CircuitKDError(f"shortcut_pairs needs n >= 1 pairs, got n={n!r}")
+        kept: list[PromptPairs] = []
+        total = 0
+        for attempt in range(8):
+            if total >= n:
+                break
+            raw = self.counterfactual_pairs(max(2 * n, 64), flip="shortcut", bias=bias, seed=seed + 7919 * attempt)
+            if raw.meta is None or "clean_bias_label" not in raw.meta:
+                raise CircuitKDError(f"task {self.name!r} pairs carry no shortcut labels "
+                                     "(meta['clean_bias_label'] / meta['corrupt_bias_label'])")
+            gold, names = raw.clean_answer, raw.meta.get("bias")
+            clean_bias, corrupt_bias = raw.meta["clean_bias_label"], raw.meta["corrupt_bias_label"]
+            agrees = lambda b: (b < 0) | (b == gold)  # noqa: E731
+            conflicts = lambda b: (b >= 0) & (b != gold)  # noqa: E731
+            for swap, keep in ((False, agrees(clean_bias) & conflicts(corrupt_bias)),
+                               (True, agrees(corrupt_bias) & conflicts(clean_bias))):
+                idx = keep.nonzero().flatten()
+                if not len(idx):
+                    continue
+                clean, corrupt = (raw.corrupt, raw.clean) if swap else (raw.clean, raw.corrupt)
+                kept.append(PromptPairs(
+                    clean=clean[idx], corrupt=corrupt[idx], clean_answer=gold[idx],
+                    corrupt_answer=(clean_bias if swap else corrupt_bias)[idx],
+                    attention_mask=None if raw.attention_mask is None else raw.attention_mask[idx],
+                    position=raw.position,
+                    meta={"bias": [names[i] if names is not None else bias for i in idx.tolist()]}))
+                total += len(idx)
+        if total < n:
+            raise CircuitKDError(f"task {self.name!r} produced only {total} of {n} pairs whose shortcut "
+                                 f"({bias or 'any'}) conflicts with the gold label")
+        cat = lambda name: torch.cat([getattr(p, name) for p in kept])[:n]  # noqa: E731
+        mask = None if kept[0].attention_mask is None else cat("attention_mask")
+        width = int(mask.sum(1).max()) if mask is not None else None
+        return PromptPairs(
+            clean=cat("clean")[:, :width], corrupt=cat("corrupt")[:, :width],
+            clean_answer=cat("clean_answer"), corrupt_answer=cat("corrupt_answer"),
+            attention_mask=None if mask is None else mask[:, :width], position=kept[0].position,
+            meta={"kind": "shortcut-conflict", "seed": seed, "bias": [b for p in kept for b in p.meta["bias"]][:n]})
 
     def augmentation(self, n: int = 1000, *, seed: int = 0) -> Split:
         """Extra bias-conflicting / counterfactual training examples (the augmentation fix)."""
