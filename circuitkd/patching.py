@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +64,7 @@ from circuitkd.errors import CircuitKDError
 from circuitkd.hooks import (
     Site, backbone_of, capture_hooks, edit_hooks, edit_point, has_mlp, hook_name, n_heads, n_layers,
 )
+from circuitkd.metrics import Metric, MetricArg, evaluate_metric, resolve_metric
 from circuitkd.types import PromptPairs
 
 # ---------------------------------------------------------------------------- site table
@@ -109,79 +110,6 @@ def _site(name: str) -> PatchSite:
     if name not in SITES:
         raise CircuitKDError(f"unknown patching site {name!r}; expected one of {sorted(SITES)}")
     return SITES[name]
-
-
-# ---------------------------------------------------------------------------- metrics
-
-
-class LogitDiff:
-    """``logit[clean_answer] − logit[corrupt_answer]`` per pair."""
-
-    uses_clean_logits = False
-
-    def __call__(self, logits: Tensor, pairs: PromptPairs) -> Tensor:
-        a = pairs.clean_answer.to(logits.device)[:, None]
-        b = pairs.corrupt_answer.to(logits.device)[:, None]
-        return (logits.gather(1, a) - logits.gather(1, b))[:, 0]
-
-
-class Prob:
-    """Probability of the clean (``answer="clean"``) or corrupt answer per pair."""
-
-    uses_clean_logits = False
-
-    def __init__(self, answer: str = "clean"):
-        if answer not in ("clean", "corrupt"):
-            raise CircuitKDError(f"Prob answer must be 'clean' or 'corrupt', got {answer!r}")
-        self.answer = answer
-
-    def __call__(self, logits: Tensor, pairs: PromptPairs) -> Tensor:
-        idx = getattr(pairs, f"{self.answer}_answer").to(logits.device)[:, None]
-        return logits.float().softmax(-1).gather(1, idx)[:, 0]
-
-
-class KLToClean:
-    """``KL(p_clean ‖ p_patched)`` per pair: 0 on the clean run (lower is more clean-like)."""
-
-    uses_clean_logits = True
-
-    def __call__(self, logits: Tensor, pairs: PromptPairs, *, clean_logits: Tensor) -> Tensor:
-        log_p = clean_logits.float().log_softmax(-1)
-        log_q = logits.float().log_softmax(-1)
-        return (log_p.exp() * (log_p - log_q)).sum(-1)
-
-
-METRICS: dict[str, Callable[[], Any]] = {
-    "logit_diff": LogitDiff, "prob": Prob, "kl": KLToClean,
-}
-
-Metric = Callable[..., Tensor]
-
-
-def _resolve_metric(metric: Any) -> Metric:
-    if metric is None:
-        return LogitDiff()
-    if isinstance(metric, str):
-        if metric not in METRICS:
-            raise CircuitKDError(f"unknown metric {metric!r}; expected one of {sorted(METRICS)} or a callable")
-        return METRICS[metric]()
-    if not callable(metric):
-        raise CircuitKDError(f"metric must be a callable or a name, got {type(metric).__name__}")
-    return metric
-
-
-def _eval_metric(metric: Metric, logits: Tensor, pairs: PromptPairs, clean_logits: Tensor) -> Tensor:
-    """Per-example metric ``[rows]`` on read-out logits ``[rows, d_out]``."""
-    if getattr(metric, "uses_clean_logits", False):
-        out = metric(logits, pairs, clean_logits=clean_logits)
-    else:
-        out = metric(logits, pairs)
-    out = torch.as_tensor(out)
-    if out.shape != (logits.shape[0],):
-        raise CircuitKDError(
-            f"metric must return one number per example: expected shape ({logits.shape[0]},), got {tuple(out.shape)}"
-        )
-    return out.double()
 
 
 def _repeat_pairs(pairs: PromptPairs, n: int) -> PromptPairs:
@@ -857,7 +785,7 @@ def patch(
     model,
     pairs: PromptPairs,
     site: str = "head",
-    metric: Any = None,
+    metric: MetricArg = None,
     *,
     direction: str = "denoise",
     normalise: bool = True,
@@ -882,8 +810,10 @@ def patch(
             (``[layer]``), ``"q" "k" "v" "pattern"`` (``[layer head]``) and their ``"_pos"`` forms (``[layer head pos]``;
             for ``pattern_pos`` the destination position). Pattern sites need a native model.
         metric: per-example callable ``metric(logits[batch, d_out], pairs) -> Float[batch]`` on the read-out
-            logits (an object with ``uses_clean_logits = True`` also gets ``clean_logits=``), or
-            ``"logit_diff"`` (default), ``"prob"``, ``"kl"`` (KL from the clean output).
+            logits (an object with ``uses_clean_logits = True`` also gets ``clean_logits=``), or a name
+            from :data:`circuitkd.metrics.METRICS`: ``"logit_diff"`` (default), ``"prob_diff"``, ``"prob"``,
+            ``"kl"`` (KL from the clean output). Answer-contrasting metrics need pairs whose answers
+            differ, as :meth:`Task.shortcut_pairs` makes.
         direction: ``"denoise"`` (corrupt run, clean activation) or ``"noise"`` (clean run, corrupt activation).
         normalise: report ``(m - m_corrupt) / (m_clean - m_corrupt)`` instead of the raw mean metric.
         batch_size: examples per forward (memory is flat in the number of pairs).
@@ -901,7 +831,7 @@ def patch(
     _check_pairs(model, pairs)
     ps = _site(site)
     _check_kind(model, ps)
-    metric_fn = _resolve_metric(metric)
+    metric_fn = resolve_metric(metric, pairs)
     cross = source_model is not None
     lmap = _check_cross(model, source_model, layer_map) if cross else None
     if cross:
@@ -939,8 +869,8 @@ def patch(
                 base_cache = ex.run(base_in, mask, r)
                 src_cache = src_ex.run(src_in, mask, r)
                 clean_logits = src_cache.logits if (direction == "denoise" or cross) else base_cache.logits
-                m_base = _eval_metric(metric_fn, base_cache.logits, sub, clean_logits)
-                m_src = _eval_metric(metric_fn, src_cache.logits, sub, clean_logits)
+                m_base = evaluate_metric(metric_fn, base_cache.logits, sub, clean_logits)
+                m_src = evaluate_metric(metric_fn, src_cache.logits, sub, clean_logits)
                 src_acts = _SourceActs(src_cache, src_ex, lmap)
                 n_chunk = copies_per_forward or _fast_chunk(B, P, int(model.cfg.d_model), int(model.cfg.d_mlp or 0), H)
                 total += _run_fast(ex, base_cache, src_acts, ps, cells, sub, metric_fn, clean_logits, n_chunk)
@@ -963,8 +893,8 @@ def patch(
                 src_map = lmap
             src_logits, base_logits = readout(src_out, r), readout(base_out, r)
             clean_logits = src_logits if (direction == "denoise" or cross) else base_logits
-            m_base = _eval_metric(metric_fn, base_logits, sub, clean_logits)
-            m_src = _eval_metric(metric_fn, src_logits, sub, clean_logits)
+            m_base = evaluate_metric(metric_fn, base_logits, sub, clean_logits)
+            m_src = evaluate_metric(metric_fn, src_logits, sub, clean_logits)
             if method == "stacked":
                 n_chunk = copies_per_forward or max(1, _stack_rows(device) // max(B, 1))
                 for start in range(0, len(cells), n_chunk):
@@ -972,14 +902,14 @@ def patch(
                     out = _stacked_batch(model, base_in, mask, kind, cells, idx, src_store, src_map)
                     N = int(idx.shape[0])
                     logits = readout(out, r.repeat(N))
-                    vals = _eval_metric(metric_fn, logits, _repeat_pairs(sub, N), clean_logits.repeat(N, 1))
+                    vals = evaluate_metric(metric_fn, logits, _repeat_pairs(sub, N), clean_logits.repeat(N, 1))
                     total[idx] += vals.view(N, B).sum(1).cpu()
             else:
                 for c in range(len(cells)):
                     layer, head, pos = int(cells.layer[c]), int(cells.head[c]), int(cells.pos[c])
                     src_layer = layer if src_map is None else src_map[layer]
                     out = _reference_batch(model, base_in, mask, kind, layer, head, pos, src_store[(src_layer, kind)])
-                    total[c] += _eval_metric(metric_fn, readout(out, r), sub, clean_logits).sum().cpu()
+                    total[c] += evaluate_metric(metric_fn, readout(out, r), sub, clean_logits).sum().cpu()
         m_base_sum += float(m_base.sum())
         m_src_sum += float(m_src.sum())
     n = len(pairs)
@@ -1017,7 +947,7 @@ def _run_fast(ex: NativeExecutor, base: _NativeCache, src: _SourceActs, ps: Patc
             pos = cells.pos[idx].clamp_min(0).to(dev)
             logits = _fast_group(ex, base, src, ps.kind, layer, heads, pos, ps.by_pos)  # [N,B,d_out]
             N = int(idx.shape[0])
-            vals = _eval_metric(metric_fn, logits.reshape(N * B, -1), _repeat_pairs(sub, N), clean_logits.repeat(N, 1))
+            vals = evaluate_metric(metric_fn, logits.reshape(N * B, -1), _repeat_pairs(sub, N), clean_logits.repeat(N, 1))
             total[idx] += vals.view(N, B).sum(1).cpu()
     return total
 
@@ -1029,7 +959,7 @@ def path_patch(
     model,
     pairs: PromptPairs,
     receivers: Any = "logits",
-    metric: Any = None,
+    metric: MetricArg = None,
     *,
     senders: Optional[Sequence[tuple[int, int]]] = None,
     direction: str = "denoise",
@@ -1051,7 +981,7 @@ def path_patch(
     dimension. Returns ``Float[layer head]`` with NaN for heads that are not senders.
     """
     _check_pairs(model, pairs)
-    metric_fn = _resolve_metric(metric)
+    metric_fn = resolve_metric(metric, pairs)
     L, H = n_layers(model), n_heads(model)
     to_logits = isinstance(receivers, str)
     if to_logits and receivers != "logits":
@@ -1090,8 +1020,8 @@ def path_patch(
         src_out, src_store = _capture_batch(model, src_in, mask, z_sites)
         base_logits, src_logits = readout(base_out, r), readout(src_out, r)
         clean_logits = src_logits if direction == "denoise" else base_logits
-        m_base_sum += float(_eval_metric(metric_fn, base_logits, sub, clean_logits).sum())
-        m_src_sum += float(_eval_metric(metric_fn, src_logits, sub, clean_logits).sum())
+        m_base_sum += float(evaluate_metric(metric_fn, base_logits, sub, clean_logits).sum())
+        m_src_sum += float(evaluate_metric(metric_fn, src_logits, sub, clean_logits).sum())
         n_chunk = max(1, _stack_rows(device) // B)
         for start in range(0, S, n_chunk):
             chunk = senders[start:start + n_chunk]
@@ -1135,7 +1065,7 @@ def path_patch(
                           for layer, port in ports]
                 with torch.inference_mode(), edit_hooks(model, hooks2):
                     logits = readout(forward(model, rep_in, rep_mask), r.repeat(N))
-            vals = _eval_metric(metric_fn, logits, _repeat_pairs(sub, N), clean_logits.repeat(N, 1))
+            vals = evaluate_metric(metric_fn, logits, _repeat_pairs(sub, N), clean_logits.repeat(N, 1))
             total[start:start + N] += vals.view(N, B).sum(1).cpu()
     n = len(pairs)
     raw = total / n
@@ -1161,7 +1091,7 @@ def attribution_patch(
     model,
     pairs: PromptPairs,
     site: str = "head",
-    metric: Any = None,
+    metric: MetricArg = None,
     *,
     direction: str = "denoise",
     normalise: bool = True,
@@ -1177,7 +1107,7 @@ def attribution_patch(
     _check_pairs(model, pairs)
     ps = _site(site)
     _check_kind(model, ps)
-    metric_fn = _resolve_metric(metric)
+    metric_fn = resolve_metric(metric, pairs)
     L, H = n_layers(model), n_heads(model)
     P = _n_positions(model, pairs)
     device = model_device(model)
@@ -1195,7 +1125,7 @@ def attribution_patch(
             base_logits = readout(forward(model, base_in, mask), r)
             src_logits = readout(src_out, r).clone()
             clean_logits = src_logits if direction == "denoise" else base_logits.detach()
-            m = _eval_metric(metric_fn, base_logits, sub, clean_logits)
+            m = evaluate_metric(metric_fn, base_logits, sub, clean_logits)
             m.sum().backward()
         model.zero_grad(set_to_none=True)
         for i, s in enumerate(sites):
@@ -1205,7 +1135,7 @@ def attribution_patch(
             contrib = (act.grad * (src_store[s] - act.detach())).double()
             total[i] += _reduce_attr(contrib, ps).cpu()
         m_base_sum += float(m.detach().sum())
-        m_src_sum += float(_eval_metric(metric_fn, src_logits, sub, clean_logits).sum())
+        m_src_sum += float(evaluate_metric(metric_fn, src_logits, sub, clean_logits).sum())
     n = len(pairs)
     est = total / n
     m_base, m_src = m_base_sum / n, m_src_sum / n

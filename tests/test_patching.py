@@ -8,8 +8,9 @@ import torch
 
 from circuitkd import CircuitKDError, ModelSpec, PromptPairs, build_model
 from circuitkd.hooks import Site, capture, edit_hooks
+from circuitkd.metrics import KLToClean, Prob
 from circuitkd.patching import (
-    SITES, KLToClean, NativeExecutor, Prob, attribution_patch, correlation, patch, path_patch, read_positions,
+    SITES, NativeExecutor, attribution_patch, correlation, patch, path_patch, read_positions,
 )
 
 torch.set_num_threads(1)

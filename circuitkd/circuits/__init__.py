@@ -25,10 +25,10 @@ from circuitkd.circuits.exact import exact
 from circuitkd.circuits.faithfulness import MIB_FRACTIONS, FaithfulnessResult, faithfulness
 from circuitkd.circuits.forward import patched_forward, source_values
 from circuitkd.circuits.graph import Circuit, ComponentGraph
-from circuitkd.circuits.metrics import kl_from, logit_diff, resolve_metric
 from circuitkd.circuits import postln
 from circuitkd.circuits.postln import validate_post_ln
 from circuitkd.errors import CircuitKDError
+from circuitkd.metrics import logit_diff, resolve_metric
 from circuitkd.types import PromptPairs
 
 #: name -> method; every method has the signature above.
@@ -73,7 +73,7 @@ def discover(model, pairs: PromptPairs, method: str = "eap-ig", metric=None, *, 
     if ablation not in ABLATIONS:
         raise CircuitKDError(f"unknown ablation {ablation!r}; expected one of {ABLATIONS}")
     check_pairs(model, pairs)
-    metric = resolve_metric(metric)
+    metric = resolve_metric(metric, pairs)
     note = None
     graph = build_graph(model, pairs, per_position=per_position, level=level)
     if graph.post_ln and level == "edge" and check_post_ln:
@@ -104,5 +104,5 @@ def discover(model, pairs: PromptPairs, method: str = "eap-ig", metric=None, *, 
 __all__ = [
     "ComponentGraph", "Circuit", "METHODS", "register", "discover", "build_graph", "exact", "eap", "eap_ig",
     "acdc", "faithfulness", "FaithfulnessResult", "MIB_FRACTIONS", "validate_post_ln", "patched_forward",
-    "source_values", "logit_diff", "kl_from", "compare_circuits", "CircuitComparison",
+    "source_values", "logit_diff", "compare_circuits", "CircuitComparison",
 ]

@@ -25,8 +25,8 @@ import torch
 from circuitkd.circuits.base import batches, expand_pairs
 from circuitkd.circuits.forward import NativeEdgeRunner, native_edge_supported, patched_forward
 from circuitkd.circuits.graph import Circuit, ComponentGraph
-from circuitkd.circuits.metrics import Metric, evaluate_metric, kl_from
 from circuitkd.errors import CircuitKDError
+from circuitkd.metrics import KLToClean, Metric, evaluate_metric
 from circuitkd.types import PromptPairs
 
 CRITERIA = ("kl", "metric")
@@ -76,9 +76,9 @@ class _Evaluator:
                                           ablate=w, replacement=bv.replacement, norm_scales=bv.clean.norm_scales)
             big = expand_pairs(bv.pairs, K)
             if self.criterion == "kl":
-                value = evaluate_metric(kl_from(bv.clean.logits), run.logits, big)
+                value = evaluate_metric(KLToClean(), run.logits, big, bv.clean.logits)
             else:
-                value = -evaluate_metric(self.metric, run.logits, big)
+                value = -evaluate_metric(self.metric, run.logits, big, bv.clean.logits)
             total += value.double().view(K, B).sum(1).cpu()
             self.forwards += 1
         return total / self.n

@@ -55,7 +55,7 @@ class BatchValues:
         ``weights`` is ``[copies, *graph.shape]`` over edges (frozen norm scales on post-LN
         models), or ``[copies, source]`` over node outputs when ``node_level``.
         """
-        from circuitkd.circuits.metrics import evaluate_metric
+        from circuitkd.metrics import evaluate_metric
 
         if node_level:
             run = patched_forward(model, graph, self.pairs.clean, self.pairs.attention_mask,
@@ -64,7 +64,8 @@ class BatchValues:
             run = patched_forward(model, graph, self.pairs.clean, self.pairs.attention_mask, ablate=weights,
                                   replacement=self.replacement, norm_scales=self.clean.norm_scales)
         copies = weights.shape[0]
-        return evaluate_metric(metric, run.logits, expand_pairs(self.pairs, copies)).double().view(copies, len(self.pairs))
+        return evaluate_metric(metric, run.logits, expand_pairs(self.pairs, copies),
+                               self.clean.logits).view(copies, len(self.pairs))
 
 
 def batches(model, graph: ComponentGraph, pairs: PromptPairs, *, batch_size: int,

@@ -16,8 +16,8 @@ import torch
 from circuitkd.circuits.base import batches
 from circuitkd.circuits.forward import patched_forward
 from circuitkd.circuits.graph import HEAD_PORTS, Circuit, ComponentGraph
-from circuitkd.circuits.metrics import Metric, evaluate_metric
 from circuitkd.errors import CircuitKDError
+from circuitkd.metrics import Metric, evaluate_metric
 from circuitkd.types import PromptPairs
 
 DIRECTIONS = ("noising", "denoising")
@@ -70,7 +70,7 @@ def eap(model, pairs: PromptPairs, *, metric: Metric, graph: ComponentGraph, abl
         with torch.enable_grad():
             run = patched_forward(model, graph, base, bv.pairs.attention_mask, replacement=rep,
                                   norm_scales=base_vals.norm_scales, reader_grads=True, record_deltas=True)
-            value = evaluate_metric(metric, run.logits, bv.pairs).sum()
+            value = evaluate_metric(metric, run.logits, bv.pairs, bv.clean.logits).sum()
             keys = list(run.leaves)
             grads = torch.autograd.grad(value, [run.leaves[k] for k in keys], allow_unused=True)
         grads = {k: (torch.zeros_like(run.leaves[k]) if g is None else g) for k, g in zip(keys, grads)}

@@ -15,8 +15,8 @@ from circuitkd.circuits.base import batches, expand_pairs
 from circuitkd.circuits.eap import scores_from_gradients
 from circuitkd.circuits.forward import patched_forward
 from circuitkd.circuits.graph import Circuit, ComponentGraph
-from circuitkd.circuits.metrics import Metric, evaluate_metric
 from circuitkd.errors import CircuitKDError
+from circuitkd.metrics import Metric, evaluate_metric
 from circuitkd.types import PromptPairs
 
 
@@ -49,7 +49,7 @@ def eap_ig(model, pairs: PromptPairs, *, metric: Metric, graph: ComponentGraph, 
                                       norm_scales=bv.clean.norm_scales,
                                       reader_grads=True, embed_override=emb.reshape(K * B, *emb.shape[2:]),
                                       n_copies=K)
-                value = evaluate_metric(metric, run.logits, expand_pairs(bv.pairs, K)).sum()
+                value = evaluate_metric(metric, run.logits, expand_pairs(bv.pairs, K), bv.clean.logits).sum()
                 keys = list(run.leaves)
                 grads = torch.autograd.grad(value, [run.leaves[k] for k in keys], allow_unused=True)
             for k, g in zip(keys, grads):

@@ -14,8 +14,8 @@ import torch
 
 from circuitkd.circuits.base import batches
 from circuitkd.circuits.graph import Circuit, ComponentGraph
-from circuitkd.circuits.metrics import Metric, evaluate_metric
 from circuitkd.errors import CircuitKDError
+from circuitkd.metrics import Metric, evaluate_metric
 from circuitkd.types import PromptPairs
 
 
@@ -33,7 +33,7 @@ def exact(model, pairs: PromptPairs, *, metric: Metric, graph: ComponentGraph, a
     for bv in batches(model, graph, pairs, batch_size=batch_size, ablation=ablation, mean_values=mean_values):
         B = len(bv.pairs)
         with torch.no_grad():
-            clean_metric = evaluate_metric(metric, bv.clean.logits, bv.pairs).double()
+            clean_metric = evaluate_metric(metric, bv.clean.logits, bv.pairs, bv.clean.logits)
             clean_total += float(clean_metric.sum())
             for start in range(0, len(cells), edges_per_forward):
                 chunk = cells[start:start + edges_per_forward]

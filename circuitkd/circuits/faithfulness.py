@@ -18,8 +18,8 @@ import torch
 
 from circuitkd.circuits.base import batches, check_pairs
 from circuitkd.circuits.graph import Circuit
-from circuitkd.circuits.metrics import Metric, resolve_metric
 from circuitkd.errors import CircuitKDError
+from circuitkd.metrics import Metric, MetricArg, resolve_metric
 from circuitkd.types import PromptPairs
 
 #: MIB's circuit sizes, as fractions of the graph's edges.
@@ -62,11 +62,11 @@ def masked_metrics(model, pairs: PromptPairs, circuit: Circuit, masks: torch.Ten
     return totals / len(pairs)
 
 
-def faithfulness(model, pairs: PromptPairs, circuit: Circuit, *, metric: Optional[Metric] = None,
+def faithfulness(model, pairs: PromptPairs, circuit: Circuit, *, metric: MetricArg = None,
                  ablation: str = "corrupt", fractions: Sequence[float] = MIB_FRACTIONS, batch_size: int = 32,
                  masks_per_forward: int = 16) -> FaithfulnessResult:
     """Faithfulness of ``circuit`` (its mask) and the curve over top-k sizes, with CPR and CMD."""
-    metric = resolve_metric(metric)
+    metric = resolve_metric(metric, pairs)
     check_pairs(model, pairs)
     circuit.graph.check_model(model)
     n_valid = int(circuit.valid_cells.sum())

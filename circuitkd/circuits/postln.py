@@ -9,13 +9,11 @@ falls back to node-level circuits (real patching) and says so.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from circuitkd.circuits.base import batches
 from circuitkd.circuits.graph import ComponentGraph
-from circuitkd.circuits.metrics import Metric, evaluate_metric, resolve_metric
+from circuitkd.metrics import Metric, MetricArg, evaluate_metric, resolve_metric
 from circuitkd.types import PromptPairs
 
 
@@ -40,11 +38,11 @@ def node_effects(model, graph: ComponentGraph, pairs: PromptPairs, *, metric: Me
             else:
                 m = bv.ablated_metric(model, graph, metric, eye, node_level=True)
             totals += m.sum(1).cpu()
-            base += float(evaluate_metric(metric, bv.clean.logits, bv.pairs).double().sum())
+            base += float(evaluate_metric(metric, bv.clean.logits, bv.pairs, bv.clean.logits).sum())
     return ((totals - base) / len(pairs)).float()
 
 
-def validate_post_ln(model, pairs: PromptPairs, *, metric: Optional[Metric] = None, ablation: str = "corrupt",
+def validate_post_ln(model, pairs: PromptPairs, *, metric: MetricArg = None, ablation: str = "corrupt",
                      tolerance: float = 0.25, batch_size: int = 32) -> dict:
     """Compare frozen-norm and real node patching on every component.
 
@@ -52,7 +50,7 @@ def validate_post_ln(model, pairs: PromptPairs, *, metric: Optional[Metric] = No
     ``|frozen - real| / |real|`` (norms over components), and ``ok`` (relative error below
     ``tolerance``).
     """
-    metric = resolve_metric(metric)
+    metric = resolve_metric(metric, pairs)
     graph = ComponentGraph.from_model(model)
     frozen = node_effects(model, graph, pairs, metric=metric, frozen=True, ablation=ablation, batch_size=batch_size)
     real = node_effects(model, graph, pairs, metric=metric, frozen=False, ablation=ablation, batch_size=batch_size)

@@ -1,0 +1,158 @@
+"""Metrics over a model's logits on :class:`PromptPairs`, and the one place pairs meet their metric.
+
+A metric is ``metric(logits, pairs) -> Float[batch]``, one number per example, on the
+model's logits (already read out as ``[batch, n_classes]``, or raw ``[batch, pos, d_vocab]``,
+which :func:`read_logits` reads at ``pairs.position``). A metric that compares a run with
+the clean run sets ``uses_clean_logits = True`` and also gets ``clean_logits=``.
+
+Names accepted wherever a metric is (``patch``, ``path_patch``, ``attribution_patch``,
+``discover``, ``faithfulness``): ``"logit_diff"`` (the default: logit of the gold label
+minus the shortcut's label on :meth:`Task.shortcut_pairs`), ``"prob_diff"``, ``"prob"`` and
+``"kl"`` (KL from the clean run; ACDC's criterion, Conmy et al. 2023).
+
+:func:`resolve_metric` is where pairs enter a metric: it refuses pairs that make an
+answer-contrasting metric identically zero (``clean_answer == corrupt_answer`` everywhere).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Union
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from circuitkd.errors import CircuitKDError
+from circuitkd.types import PromptPairs
+
+Metric = Callable[..., Tensor]
+#: what a caller may pass as ``metric=``: a name from :data:`METRICS`, a callable, or None (the default).
+MetricArg = Union[str, Metric, None]
+
+
+def read_logits(logits: Tensor, pairs: PromptPairs) -> Float[Tensor, "batch n_classes"]:
+    """The logits the task reads: ``[batch, n_classes]`` as is, ``[batch, pos, d_vocab]`` at ``pairs.position``.
+
+    Position -1 with an attention mask means each example's last real token (a padded causal model).
+    """
+    if logits.dim() == 2:
+        return logits
+    if logits.dim() != 3:
+        raise CircuitKDError(f"cannot read logits of shape {tuple(logits.shape)}")
+    pos = pairs.position
+    if pos == -1 and pairs.attention_mask is not None:
+        last = pairs.attention_mask.long().sum(1) - 1
+        return logits[torch.arange(logits.shape[0], device=logits.device), last.to(logits.device)]
+    if not -logits.shape[1] <= pos < logits.shape[1]:
+        raise CircuitKDError(f"read position {pos} is outside the {logits.shape[1]} positions of the input")
+    return logits[:, pos]
+
+
+def _answers(read: Tensor, pairs: PromptPairs) -> tuple[Tensor, Tensor]:
+    n_out = read.shape[-1]
+    for name in ("clean_answer", "corrupt_answer"):
+        ans = getattr(pairs, name)
+        if int(ans.max()) >= n_out or int(ans.min()) < 0:
+            raise CircuitKDError(f"pairs.{name} holds ids outside the model's {n_out} outputs")
+    return pairs.clean_answer.to(read.device), pairs.corrupt_answer.to(read.device)
+
+
+def logit_diff(logits: Tensor, pairs: PromptPairs) -> Float[Tensor, " batch"]:
+    """``logit[clean_answer] - logit[corrupt_answer]`` per example (the default metric)."""
+    read = read_logits(logits, pairs)
+    a, b = _answers(read, pairs)
+    idx = torch.arange(read.shape[0], device=read.device)
+    return read[idx, a] - read[idx, b]
+
+
+def prob_diff(logits: Tensor, pairs: PromptPairs) -> Float[Tensor, " batch"]:
+    """``p(clean_answer) - p(corrupt_answer)`` per example."""
+    read = read_logits(logits, pairs)
+    a, b = _answers(read, pairs)
+    p = read.float().softmax(-1)
+    idx = torch.arange(read.shape[0], device=read.device)
+    return p[idx, a] - p[idx, b]
+
+
+# A metric that is the difference of the two answers' scores: 0 on every run when the answers agree.
+logit_diff.contrasts_answers = True  # type: ignore[attr-defined]
+prob_diff.contrasts_answers = True  # type: ignore[attr-defined]
+
+
+class Prob:
+    """Probability of the clean (``answer="clean"``) or corrupt answer per example."""
+
+    def __init__(self, answer: str = "clean"):
+        if answer not in ("clean", "corrupt"):
+            raise CircuitKDError(f"Prob answer must be 'clean' or 'corrupt', got {answer!r}")
+        self.answer = answer
+
+    def __call__(self, logits: Tensor, pairs: PromptPairs) -> Tensor:
+        read = read_logits(logits, pairs)
+        idx = getattr(pairs, f"{self.answer}_answer").to(read.device)[:, None]
+        return read.float().softmax(-1).gather(1, idx)[:, 0]
+
+
+class KLToClean:
+    """``KL(p_clean ‖ p_run)`` per example: 0 on the clean run (lower is more clean-like).
+
+    ``clean_logits`` may hold fewer rows than ``logits`` when the run stacks copies of the
+    batch (copy-major): they are repeated to match.
+    """
+
+    uses_clean_logits = True
+
+    def __call__(self, logits: Tensor, pairs: PromptPairs, *, clean_logits: Tensor) -> Tensor:
+        if clean_logits.shape[0] != logits.shape[0]:
+            reps = logits.shape[0] // clean_logits.shape[0]
+            clean_logits = clean_logits.repeat(reps, *[1] * (clean_logits.dim() - 1))
+        log_p = read_logits(clean_logits, pairs).float().log_softmax(-1)
+        log_q = read_logits(logits, pairs).float().log_softmax(-1)
+        return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+METRICS: dict[str, Callable[[], Metric]] = {
+    "logit_diff": lambda: logit_diff, "prob_diff": lambda: prob_diff, "prob": Prob, "kl": KLToClean,
+}
+
+
+def resolve_metric(metric: MetricArg, pairs: PromptPairs) -> Metric:
+    """The metric a name or callable stands for (None: ``logit_diff``), checked against ``pairs``.
+
+    Raises :class:`CircuitKDError` when the metric contrasts the two answers but
+    ``pairs.clean_answer`` equals ``pairs.corrupt_answer`` on every pair (the metric would be 0
+    on every run, clean, corrupt and patched alike).
+    """
+    if metric is None:
+        metric = logit_diff
+    elif isinstance(metric, str):
+        if metric not in METRICS:
+            raise CircuitKDError(f"unknown metric {metric!r}; expected one of {sorted(METRICS)} or a callable")
+        metric = METRICS[metric]()
+    elif not callable(metric):
+        raise CircuitKDError(f"metric must be a callable (logits, pairs) -> Float[batch] or a name, "
+                             f"got {type(metric).__name__}")
+    if getattr(metric, "contrasts_answers", False) and torch.equal(pairs.clean_answer, pairs.corrupt_answer):
+        name = getattr(metric, "__name__", type(metric).__name__)
+        raise CircuitKDError(
+            f"pairs.clean_answer equals pairs.corrupt_answer on all {len(pairs)} pairs, so metric {name!r} "
+            "is 0 on every run: use task.shortcut_pairs(n) (clean_answer = gold label, corrupt_answer = "
+            "the shortcut's label), or pass a metric that does not need differing answers (e.g. metric='kl')"
+        )
+    return metric
+
+
+def evaluate_metric(metric: Metric, logits: Tensor, pairs: PromptPairs,
+                    clean_logits: Optional[Tensor] = None) -> Float[Tensor, " batch"]:
+    """Run ``metric`` (a resolved one) and check it returns one number per example; float64."""
+    if getattr(metric, "uses_clean_logits", False):
+        if clean_logits is None:
+            raise CircuitKDError(f"metric {type(metric).__name__} compares with the clean run's logits, "
+                                 "which this analysis does not pass: use a metric of (logits, pairs)")
+        out = metric(logits, pairs, clean_logits=clean_logits)
+    else:
+        out = metric(logits, pairs)
+    if not isinstance(out, Tensor) or out.shape != (logits.shape[0],):
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise CircuitKDError(f"metric must return one number per example: expected shape ({logits.shape[0]},), "
+                             f"got {shape}")
+    return out.double()
