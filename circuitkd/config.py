@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -157,15 +158,22 @@ class ModelSpec(_Jsonable):
         return dataclasses.replace(self, **changes)
 
 
+#: ``CIRCUITKD_SMOKE=1`` makes ``TrainCfg()``'s default budget ``SMOKE_STEPS`` steps instead of 600.
+SMOKE_ENV = "CIRCUITKD_SMOKE"
+SMOKE_STEPS = 4
+
+
 @dataclass(frozen=True)
 class TrainCfg(_Jsonable):
     """How to train: AdamW with linear warm-up then linear decay, on the model's device.
 
     ``steps`` is the training budget; it is recorded with every result because shortcut
-    reliance depends on it (see DESIGN.md, science notes).
+    reliance depends on it (see DESIGN.md, science notes). Its default is 600, or
+    ``SMOKE_STEPS`` when the environment sets ``CIRCUITKD_SMOKE=1`` (a smoke run of code
+    written against the defaults, such as the README's example in its test).
     """
 
-    steps: int = 600
+    steps: int = field(default_factory=lambda: SMOKE_STEPS if os.environ.get(SMOKE_ENV, "0") != "0" else 600)
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.01
