@@ -61,8 +61,9 @@ def discover(model, pairs: PromptPairs, method: str = "eap-ig", metric=None, *, 
              check_post_ln: bool = True, post_ln_tolerance: float = 0.25, **options) -> Circuit:
     """Find a circuit in ``model`` for the behaviour ``pairs`` contrast.
 
-    ``metric(logits, pairs) -> Float[batch]`` defaults to the logit difference between
-    ``pairs.clean_answer`` and ``pairs.corrupt_answer``. ``top_k`` / ``threshold`` set the
+    ``metric``: a name from :data:`circuitkd.metrics.METRICS` or ``metric(logits, pairs) -> Float[batch]``;
+    the default is the logit difference between ``pairs.clean_answer`` and ``pairs.corrupt_answer``
+    (gold vs the shortcut's label on :meth:`Task.shortcut_pairs`). ``top_k`` / ``threshold`` set the
     circuit's mask from the scores (ACDC sets its own). On a post-LN model (BERT) edges use
     frozen norm scales; with ``check_post_ln`` the definition is checked against real
     patching first, and where it fails the circuit falls back to node level (with a warning
