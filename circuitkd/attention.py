@@ -842,7 +842,10 @@ class ExamplePatterns:
     """Both models' attention on one example, for the side-by-side figure.
 
     ``teacher``/``student``: ``[layer head dest_pos src_pos]``; ``labels``: one label per
-    position; ``shortcut_positions``: positions of shortcut tokens; ``length``: real positions.
+    position; ``shortcut_positions``: positions of shortcut tokens (``shortcut_classes``: by
+    shortcut class); ``length``: real positions; ``read_position``: where the class is read
+    (0 for a CLS encoder); ``image``: ``[channel height width]`` pixels of an image example
+    (positions are then CLS + patches in raster order), None for text.
     """
 
     index: int
@@ -851,11 +854,25 @@ class ExamplePatterns:
     student: Tensor
     shortcut_positions: list[int]
     length: int
+    read_position: int = 0
+    shortcut_classes: dict[str, list[int]] = field(default_factory=dict)
+    image: Optional[Tensor] = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"index": self.index, "labels": self.labels, "teacher": self.teacher.tolist(),
                 "student": self.student.tolist(), "shortcut_positions": self.shortcut_positions,
-                "length": self.length}
+                "length": self.length, "read_position": self.read_position,
+                "shortcut_classes": self.shortcut_classes,
+                "image": None if self.image is None else self.image.tolist()}
+
+    def readout_mass(self, model: str, head: tuple[int, int], positions: Optional[Sequence[int]] = None) -> float:
+        """Attention of ``model``'s (``"teacher"`` or ``"student"``) ``head`` from the read-out
+        position onto ``positions`` (the shortcut positions by default)."""
+        if model not in ("teacher", "student"):
+            raise CircuitKDError(f"model must be 'teacher' or 'student', got {model!r}")
+        pattern = self.teacher if model == "teacher" else self.student
+        where = sorted(set(self.shortcut_positions if positions is None else positions))
+        return float(pattern[head[0], head[1], self.read_position, where].sum())
 
 
 @dataclass
@@ -1033,11 +1050,18 @@ def _example(teacher, student, data: _Data) -> ExamplePatterns:
     ps = _patterns(_run_batch(student, data, idx, _pattern_sites(student)), n_layers(student))[0]
     P = pt.shape[-1]
     length = P if data.split.attention_mask is None else int(data.split.attention_mask[i].sum())
-    shortcut = position_masks(_class_stack(data, idx), P)[0, -1]
+    classes = position_masks(_class_stack(data, idx), P)[0]
+    shortcut = classes[-1]
+    by_class = {name: [j for j in range(length) if bool(classes[data.class_names.index(name), j])]
+                for name in data.shortcut}
+    real = torch.zeros(1, P)
+    real[0, :length] = 1
     return ExamplePatterns(index=int(data.index[i]), labels=_position_labels(data, i, P)[:length],
                            teacher=pt[..., :length, :length].float().cpu(),
                            student=ps[..., :length, :length].float().cpu(),
-                           shortcut_positions=[j for j in range(length) if bool(shortcut[j])], length=length)
+                           shortcut_positions=[j for j in range(length) if bool(shortcut[j])], length=length,
+                           read_position=int(_read_index(student, real)[0]), shortcut_classes=by_class,
+                           image=data.split.inputs[i].float().cpu().clone() if data.image else None)
 
 
 def diff_attention(teacher, student, task: Task | Split, *, split: str = "ood_test", n: Optional[int] = 512,

@@ -30,7 +30,11 @@ def _analysis_figure(run_dir: Path, kind: str, pair: Optional[str]):
     pair = pair or names[0]
     if pair not in names:
         raise CircuitKDError(f"no comparison {pair!r} in {run_dir}; it has {names}")
-    return pio.read_json(str(run_dir / "analysis" / "figures" / f"{pair}__{kind}.json"))
+    path = run_dir / "analysis" / "figures" / f"{pair}__{kind}.json"
+    if not path.exists():
+        raise CircuitKDError(f"{run_dir} has no {kind} figure for {pair!r} (an analysis from an older circuitkd?): "
+                             f"run `circuitkd analyse {run_dir}` again")
+    return pio.read_json(str(path))
 
 
 def _robustness(run_dir: Path, pair: Optional[str] = None):
@@ -69,7 +73,7 @@ FIGURES: dict[str, Callable[..., Any]] = {
     "attention_patterns": _from_analysis("patterns"),
     "head_matching": _from_analysis("matching"),
     "cka": _from_analysis("cka"),
-    "circuits": _from_analysis("circuit_difference"),
+    "circuits": _from_analysis("circuit"),
     "faithfulness": _from_analysis("faithfulness"),
 }
 

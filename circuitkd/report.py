@@ -17,9 +17,17 @@ from circuitkd.errors import CircuitKDError
 
 REPORT = "report.html"
 
-#: The analysis figures of each teacher/student comparison, in reading order.
-FIGURE_ORDER = ("head_patching", "attention_heatmaps", "patterns", "matching", "cka", "circuit_difference",
-                "circuit_teacher", "circuit_student", "faithfulness")
+#: The analysis figures of each teacher/student comparison, in reading order, with their captions.
+FIGURE_TITLES = {
+    "head_patching": "Head patching, teacher vs student",
+    "attention_heatmaps": "Attention to shortcut tokens per head",
+    "patterns": "A matched head pair's attention on one example",
+    "matching": "Head matching",
+    "cka": "Residual-stream CKA",
+    "circuit": "Teacher vs student circuit",
+    "faithfulness": "Circuit faithfulness",
+}
+FIGURE_ORDER = tuple(FIGURE_TITLES)
 
 _CSS = """
 body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1150px;
@@ -35,6 +43,8 @@ td:first-child, td:nth-child(2), th:first-child { text-align: left; }
 .meta { color: #666; font-size: 0.9em; }
 code { background: #f4f4f4; padding: 1px 4px; border-radius: 3px; }
 nav a { margin-right: 1em; }
+a.see { font-size: 0.85em; white-space: nowrap; margin-left: .3em; }
+.figure h4 { margin: .6em 0 0; color: #444; }
 """
 
 
@@ -157,6 +167,43 @@ def paper_findings(results: dict[str, Any], analysis: Optional[dict[str, Any]] =
     return lines
 
 
+def figure_anchor(name: str, kind: str) -> str:
+    """The page anchor of comparison ``name``'s figure ``kind`` (its captioned block)."""
+    return f"{_slug(name)}--{_slug(kind)}"
+
+
+def mechanisms_html(analysis: dict[str, Any], fig_dir: Path) -> list[str]:
+    """Per comparison: its findings, each linked to the figure that shows it, then the figures.
+
+    ``analysis["comparisons"][i]["finding_figures"]`` names the figure kind of each finding
+    (None: no figure shows it); analyses written before it existed get no links.
+    """
+    import plotly.io as pio
+
+    parts: list[str] = []
+    for cmp in analysis["comparisons"]:
+        name = cmp["name"]
+        present = [k for k in FIGURE_ORDER if (fig_dir / f"{name}__{k}.json").exists()]
+        parts.append(f"<h3 id='{_slug(name)}'>{html.escape(cmp['what'])}</h3>")
+        parts.append(f"<p class='meta'>teacher <code>{html.escape(cmp['teacher'])}</code> "
+                     f"(OOD {100 * cmp['teacher_scores']['ood_acc']:.1f}%), student <code>{html.escape(cmp['student'])}"
+                     f"</code> (OOD {100 * cmp['student_scores']['ood_acc']:.1f}%)</p>")
+        kinds = cmp.get("finding_figures") or [None] * len(cmp["findings"])
+        items = []
+        for line, kind in zip(cmp["findings"], kinds):
+            link = (f" <a class='see' href='#{figure_anchor(name, kind)}'>→ {html.escape(FIGURE_TITLES[kind].lower())}</a>"
+                    if kind in present else "")
+            items.append(f"<li>{html.escape(line)}{link}</li>")
+        parts.append("<ul class='findings'>" + "".join(items) + "</ul>")
+        parts.append("<details><summary>attention diff, in detail</summary><ul>" +
+                     "".join(f"<li>{html.escape(x)}</li>" for x in cmp["attention_summary"]) + "</ul></details>")
+        for kind in present:
+            fig = pio.read_json(str(fig_dir / f"{name}__{kind}.json"))
+            parts.append(f"<div class='figure' id='{figure_anchor(name, kind)}'><h4>{html.escape(FIGURE_TITLES[kind])}"
+                         f"</h4>{_figure_html(fig, _slug(f'{name}__{kind}'))}</div>")
+    return parts
+
+
 def write_report(run_dir: str | Path, *, out: Optional[str | Path] = None) -> Path:
     """Write ``<run>/report.html`` (or ``out``) from the run folder; returns its path."""
     import plotly.offline
@@ -174,8 +221,6 @@ def write_report(run_dir: str | Path, *, out: Optional[str | Path] = None) -> Pa
     analysis = json.loads(analysis_path.read_text()) if analysis_path.exists() else None
     cfg = results["config"]
     summary_md = (run_dir / "summary.md").read_text() if (run_dir / "summary.md").exists() else ""
-
-    import plotly.io as pio
 
     figures: list[tuple[str, str, Any]] = [
         ("robustness", "Robustness before and after KD", robustness.robustness_figure(rows)),
@@ -204,21 +249,7 @@ def write_report(run_dir: str | Path, *, out: Optional[str | Path] = None) -> Pa
                      f"agreeing with the gold label; corrupt: one minimal edit makes it point elsewhere); metric: "
                      f"logit(gold) − logit(shortcut label); circuits by {html.escape(analysis['circuit_method'])} "
                      f"(top {analysis['top_k']} edges); attention on {analysis['n_attention']} OOD examples.</p>")
-        fig_dir = run_dir / "analysis" / "figures"
-        for cmp in analysis["comparisons"]:
-            name = cmp["name"]
-            parts.append(f"<h3 id='{_slug(name)}'>{html.escape(cmp['what'])}</h3>")
-            parts.append(f"<p class='meta'>teacher <code>{html.escape(cmp['teacher'])}</code> "
-                         f"(OOD {100 * cmp['teacher_scores']['ood_acc']:.1f}%), student <code>{html.escape(cmp['student'])}"
-                         f"</code> (OOD {100 * cmp['student_scores']['ood_acc']:.1f}%)</p>")
-            parts.append("<ul class='findings'>" + "".join(f"<li>{html.escape(x)}</li>" for x in cmp["findings"]) + "</ul>")
-            parts.append("<details><summary>attention diff, in detail</summary><ul>" +
-                         "".join(f"<li>{html.escape(x)}</li>" for x in cmp["attention_summary"]) + "</ul></details>")
-            for kind in FIGURE_ORDER:
-                path = fig_dir / f"{name}__{kind}.json"
-                if path.exists():
-                    fig = pio.read_json(str(path))
-                    parts.append(f"<div class='figure'>{_figure_html(fig, _slug(path.stem))}</div>")
+        parts.extend(mechanisms_html(analysis, run_dir / "analysis" / "figures"))
     parts.append("<h2 id='tables'>Tables</h2>")
     parts.append(markdown_to_html(summary_md))
     page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>circuitkd report</title>"

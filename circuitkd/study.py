@@ -157,11 +157,11 @@ def analyse_run(run_dir: str | Path, *, n_pairs: int = 96, n_attention: int = 25
         figures[f"{name}__matching"] = viz_attention.matching_figure(diff)
         figures[f"{name}__cka"] = viz_attention.cka_figure(diff)
         figures[f"{name}__head_patching"] = viz_patching.head_effects_figure(
-            t_res["patching"], s_res["patching"], teacher_name=cmp["teacher"], student_name=cmp["student"])
-        figures[f"{name}__circuit_teacher"] = viz_circuits.circuit_graph(t_res["circuit"], title=f"teacher {cmp['teacher']}")
-        figures[f"{name}__circuit_student"] = viz_circuits.circuit_graph(s_res["circuit"], title=f"student {cmp['student']}")
-        figures[f"{name}__circuit_difference"] = viz_circuits.circuit_difference(
-            t_res["circuit"], s_res["circuit"], comparison, title=f"{name}: teacher vs student circuit")
+            t_res["patching"], s_res["patching"], matching=diff.matching, matching_method=diff.matching_method,
+            teacher_name=cmp["teacher"], student_name=cmp["student"])
+        figures[f"{name}__circuit"] = viz_circuits.circuit_figure(
+            t_res["circuit"], s_res["circuit"], comparison, teacher_name=cmp["teacher"], student_name=cmp["student"],
+            title=f"{name}: teacher vs student circuit")
         faith = {k: v for k, v in (("teacher", t_res["faithfulness"]), ("student", s_res["faithfulness"]))
                  if "error" not in v}
         if faith:
@@ -176,7 +176,7 @@ def analyse_run(run_dir: str | Path, *, n_pairs: int = 96, n_attention: int = 25
             "teacher_circuit_top": t_res["circuit_top"], "student_circuit_top": s_res["circuit_top"],
             "teacher_faithfulness": t_res["faithfulness"], "student_faithfulness": s_res["faithfulness"],
             "circuit_comparison_by_depth": by_depth.to_dict(),
-            "findings": findings(cmp, t_res, s_res, diff, comparison, by_depth),
+            **_findings_and_figures(cmp, t_res, s_res, diff, comparison, by_depth),
         })
 
     analysis = {
@@ -228,28 +228,44 @@ def _top_head(effect: list) -> tuple[str, float]:
 
 def findings(cmp: dict, t_res: dict, s_res: dict, diff, comparison, by_depth=None) -> list[str]:
     """One line per finding, in words, with the numbers behind it."""
-    lines = []
+    return _findings_and_figures(cmp, t_res, s_res, diff, comparison, by_depth)["findings"]
+
+
+def _findings_and_figures(cmp: dict, t_res: dict, s_res: dict, diff, comparison, by_depth=None) -> dict[str, list]:
+    """``findings`` (one line each) and ``finding_figures``: the figure kind that shows each line
+    (``<name>__<kind>.json``), None where no figure does; the report links the two."""
+    from circuitkd.viz.attention import choose_pair
+
+    lines: list[tuple[str, Optional[str]]] = []
     t_sens, s_sens = t_res["patching"]["sensitivity"], s_res["patching"]["sensitivity"]
     more = "more" if s_sens > t_sens else "less"
-    lines.append(f"Flipping the shortcut lowers logit(gold) − logit(shortcut's label) by {t_sens:.2f} in the teacher "
-                 f"and {s_sens:.2f} in the student: the student is {more} shortcut-sensitive.")
+    lines.append((f"Flipping the shortcut lowers logit(gold) − logit(shortcut's label) by {t_sens:.2f} in the teacher "
+                  f"and {s_sens:.2f} in the student: the student is {more} shortcut-sensitive.", "head_patching"))
     th, tv = _top_head(t_res["patching"]["effect"])
     sh, sv = _top_head(s_res["patching"]["effect"])
-    lines.append(f"Patching the clean head output into the shortcut-flipped run restores most at teacher head {th} "
-                 f"({tv:+.2f}) and student head {sh} ({sv:+.2f}).")
+    lines.append((f"Patching the clean head output into the shortcut-flipped run restores most at teacher head {th} "
+                  f"({tv:+.2f}) and student head {sh} ({sv:+.2f}).", "head_patching"))
     ts, ss = diff.teacher.shortcut_attention(), diff.student.shortcut_attention()
     t_mean, s_mean = float(ts.nanmean()), float(ss.nanmean())
-    lines.append(f"Attention from the read-out position to shortcut tokens averages {t_mean:.3f} per teacher head and "
-                 f"{s_mean:.3f} per student head ({'higher' if s_mean > t_mean else 'lower'} in the student; "
-                 f"heads matched {diff.matching_method}).")
-    lines.extend(comparison.verdicts)
+    lines.append((f"Attention from the read-out position to shortcut tokens averages {t_mean:.3f} per teacher head and "
+                  f"{s_mean:.3f} per student head ({'higher' if s_mean > t_mean else 'lower'} in the student; "
+                  f"heads matched {diff.matching_method}).", "attention_heatmaps"))
+    ex = diff.example
+    if ex is not None and diff.matching and ex.shortcut_positions:
+        t_head, s_head, _ = choose_pair(diff)
+        t_mass, s_mass = ex.readout_mass("teacher", t_head), ex.readout_mass("student", s_head)
+        lines.append((f"On bias-conflicting example {ex.index}, student head {s_head[0]}.{s_head[1]} puts {s_mass:.2f} of "
+                      f"its read-out attention on shortcut tokens and its matched teacher head {t_head[0]}.{t_head[1]} "
+                      f"{t_mass:.2f} (the matched pair whose shortcut attention changed most).", "patterns"))
+    lines.extend((v, "circuit") for v in comparison.verdicts)
     if by_depth is not None:
         n_t = len(by_depth.shared) + len(by_depth.lost)
-        lines.append(f"Matched by relative depth instead (heads keep their index, which means little for a "
-                     f"student not initialised from the teacher), {len(by_depth.shared)}/{n_t} teacher edges survive.")
+        lines.append((f"Matched by relative depth instead (heads keep their index, which means little for a "
+                      f"student not initialised from the teacher), {len(by_depth.shared)}/{n_t} teacher edges survive.",
+                      None))
     for who, res in (("teacher", t_res), ("student", s_res)):
         f = res["faithfulness"]
         if "error" not in f:
-            lines.append(f"The {who}'s top-{len(res['circuit_top'])} edge circuit recovers {100 * f['recovered']:.0f}% "
-                         f"of its shortcut-contrast metric (CPR {f['cpr']:.2f}, CMD {f['cmd']:.2f}).")
-    return lines
+            lines.append((f"The {who}'s top-{len(res['circuit_top'])} edge circuit recovers {100 * f['recovered']:.0f}% "
+                          f"of its shortcut-contrast metric (CPR {f['cpr']:.2f}, CMD {f['cmd']:.2f}).", "faithfulness"))
+    return {"findings": [line for line, _ in lines], "finding_figures": [kind for _, kind in lines]}

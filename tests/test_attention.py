@@ -367,6 +367,9 @@ def test_diff_of_models_of_different_depth_width_and_head_count():
     assert data["matching"][0]["student"] == f"{sl}.{sh}" and data["example"]["length"] >= 2
     assert diff.example.teacher.shape[:2] == (2, 4) and diff.example.student.shape[:2] == (1, 2)
     assert all(0 <= p < diff.example.length for p in diff.example.shortcut_positions)
+    assert diff.example.image is None and diff.example.read_position == 0
+    assert set(diff.example.shortcut_classes) == set(diff.shortcut)
+    assert sorted(p for ps in diff.example.shortcut_classes.values() for p in ps) == diff.example.shortcut_positions
     greedy = A.diff_attention(teacher, student, task, n=None, matching="greedy", similarity="corr", confirm=False)
     assert greedy.matching_method.startswith("greedy") and greedy.similarity_kind == "corr"
 
@@ -383,6 +386,10 @@ def test_diff_for_bert_and_vit_bridges():
     diff = A.diff_attention(vt, vs, split, n=None, batch_size=4)
     assert diff.similarity.shape == (2, 8) and diff.cka.shape == (1, 2)
     assert diff.example.labels[0] == "CLS" and diff.example.length == 17
+    ex = diff.example  # carries the picture, for the attention-over-the-image figure
+    assert torch.equal(ex.image, split.inputs[ex.index]) and ex.read_position == 0
+    assert ex.shortcut_classes["colored"] == ex.shortcut_positions and {3, 7} <= set(ex.shortcut_positions)
+    assert ex.readout_mass("student", (0, 1)) == pytest.approx(float(ex.student[0, 1, 0, ex.shortcut_positions].sum()))
 
 
 def test_errors_name_the_problem():

@@ -52,10 +52,9 @@ def test_figures_are_plotly_figures():
     circuit = ckd.discover(model, pairs, "eap", top_k=6)
     res = C.faithfulness(model, pairs, circuit, fractions=(0.1, 0.5, 1.0))
     cmp = ckd.compare_circuits(circuit, circuit)
-    figs = [V.circuit_graph(circuit), V.circuit_difference(circuit, circuit, cmp),
-            V.faithfulness_curves({"eap": res}), V.score_heatmap(circuit)]
+    figs = [V.circuit_figure(circuit, circuit, cmp), V.faithfulness_curves({"eap": res}), V.score_heatmap(circuit)]
     assert all(isinstance(f, go.Figure) and len(f.data) > 0 for f in figs)
-    assert "CPR" in figs[2].data[0].name
+    assert "CPR" in figs[1].data[0].name
     assert len(cmp.lost) == 0 and len(cmp.new) == 0
 
 

@@ -32,25 +32,81 @@ def no_show(monkeypatch):
     assert pio.templates.default == template
 
 
-def test_pattern_figure_side_by_side_with_shortcut_tokens_marked(diff):
+def _roles(fig, role, model=None):
+    return [t for t in fig.data if isinstance(t.meta, dict) and t.meta.get("role") == role
+            and (model is None or t.meta.get("model") == model)]
+
+
+def test_pattern_figure_shows_a_matched_pair_on_the_tokens_with_shortcuts_marked(diff):
     from circuitkd.viz.attention import pattern_figure
 
-    fig = pattern_figure(diff, teacher_head=(1, 3), student_head=(0, 1))
-    assert isinstance(fig, go.Figure)
-    heat = [t for t in fig.data if isinstance(t, go.Heatmap)]
-    assert len(heat) == 2
     ex = diff.example
-    assert list(map(list, heat[0].z)) == ex.teacher[1, 3].tolist()
-    assert list(map(list, heat[1].z)) == ex.student[0, 1].tolist()
-    assert len(fig.layout.shapes) == 2 * len(ex.shortcut_positions) > 0
-    ticks = fig.layout.xaxis.ticktext
-    assert sum(t.startswith("<b>*") for t in ticks) == len(ex.shortcut_positions)
-    assert "teacher 1.3" in fig.layout.annotations[0].text and "student 0.1" in fig.layout.annotations[1].text
+    (s_head, t_head, sim) = diff.matching[1]
+    fig = pattern_figure(diff, student_head=s_head)  # the teacher head matched to it is chosen
+    assert isinstance(fig, go.Figure)
+    (t_map,), (s_map,) = _roles(fig, "pattern", "teacher"), _roles(fig, "pattern", "student")
+    assert list(map(list, t_map.z)) == ex.teacher[t_head].tolist()
+    assert list(map(list, s_map.z)) == ex.student[s_head].tolist()
+    assert t_map.zmax == s_map.zmax  # one colour scale
+    # tokens on both axes, shortcut tokens in red, their columns outlined in both panels
+    for axis in (fig.layout.xaxis, fig.layout.yaxis, fig.layout.xaxis2):
+        assert len(axis.ticktext) == ex.length
+        marked = [i for i, t in enumerate(axis.ticktext) if "color:#d62728" in t]
+        assert marked == ex.shortcut_positions
+    outlines = [sh for sh in fig.layout.shapes if sh.line.color == "#d62728"]
+    assert len(outlines) == 2 * len(ex.shortcut_positions) > 0
+    # the read-out row as bars, one per model
+    (t_bar,), (s_bar,) = _roles(fig, "readout", "teacher"), _roles(fig, "readout", "student")
+    assert list(s_bar.y) == ex.student[s_head][ex.read_position].tolist()
+    assert list(t_bar.y) == ex.teacher[t_head][ex.read_position].tolist()
+    title = fig.layout.title.text
+    assert f"student head {A.head_name(*s_head)} ≙ teacher head {A.head_name(*t_head)}" in title
+    assert f"similarity {sim:.2f}" in title
+    mass = ex.readout_mass("student", s_head)
+    assert f"→ {mass:.2f}" in title
     default = pattern_figure(diff)  # the pair whose shortcut attention changed most
     i = int(diff.shortcut_change.abs().argmax())
-    assert f"student {A.head_name(*diff.matching[i][0])}" == default.layout.annotations[1].text
+    assert f"student head {A.head_name(*diff.matching[i][0])}" in default.layout.title.text
+    unmatched = pattern_figure(diff, teacher_head=(0, 0), student_head=s_head)
+    assert "not matched to each other" in unmatched.layout.title.text
     with pytest.raises(CircuitKDError, match="student head 3.0 does not exist"):
-        pattern_figure(diff, student_head=(3, 0))
+        pattern_figure(diff, teacher_head=(0, 0), student_head=(3, 0))
+    unmatched_teacher = next((la, h) for la in range(2) for h in range(4)
+                             if (la, h) not in [t for _, t, _ in diff.matching])
+    with pytest.raises(CircuitKDError, match="matched to no student head"):
+        pattern_figure(diff, teacher_head=unmatched_teacher)
+
+
+def test_pattern_figure_of_an_image_draws_attention_over_the_picture(diff):
+    import dataclasses
+
+    import torch
+
+    from circuitkd.viz.attention import pattern_figure
+
+    # an 8x8 picture in 4x4 patches: positions CLS, (0,0), (0,1), (1,0), (1,1)
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.softmax(torch.randn(2, 4, 5, 5, generator=g), -1)
+    student = torch.softmax(torch.randn(1, 2, 5, 5, generator=g), -1)
+    image = torch.zeros(3, 8, 8)
+    image[0, :4, 4:] = 1.0  # a red block in patch (0, 1): the shortcut
+    ex = A.ExamplePatterns(index=3, labels=["CLS", "p0", "p1", "p2", "p3"], teacher=teacher, student=student,
+                           shortcut_positions=[2], length=5, shortcut_classes={"colored": [2]}, image=image)
+    fig = pattern_figure(dataclasses.replace(diff, example=ex), teacher_head=(1, 2), student_head=(0, 1))
+    (t_map,), (s_map,) = _roles(fig, "pattern", "teacher"), _roles(fig, "pattern", "student")
+    assert list(map(list, t_map.z)) == teacher[1, 2, 0, 1:].reshape(2, 2).tolist()
+    assert list(map(list, s_map.z)) == student[0, 1, 0, 1:].reshape(2, 2).tolist()
+    assert list(t_map.x) == [1.5, 5.5] and list(t_map.y) == [1.5, 5.5]  # patch centres in pixels
+    pictures = [t for t in fig.data if isinstance(t, go.Image)]
+    assert len(pictures) == 1 and list(pictures[0].z[0][4]) == [255, 0, 0]
+    strokes = _roles(fig, "strokes")
+    assert len(strokes) == 2 and len(strokes[0].x) == 16  # the red block's pixels over each map
+    boxes = fig.layout.shapes
+    assert len(boxes) == 3 and all((b.x0, b.x1, b.y0, b.y1) == (3.5, 7.5, -0.5, 3.5) for b in boxes)
+    assert "colored: " in fig.layout.title.text
+    bad = dataclasses.replace(ex, image=torch.zeros(3, 8, 9))
+    with pytest.raises(CircuitKDError, match="cannot lay 4 square patches"):
+        pattern_figure(dataclasses.replace(diff, example=bad), teacher_head=(1, 2), student_head=(0, 1))
 
 
 def test_shortcut_heatmaps_and_matched_difference(diff):
