@@ -1,6 +1,7 @@
 """The analysis stage, the report, the figure scripts and the notebook, on one quick run."""
 import json
 import os
+import re
 import runpy
 import shutil
 import subprocess
@@ -29,6 +30,10 @@ def test_analysis_covers_every_pair_that_matters(quick_run):
         assert effect.dim() == 2 and torch.isfinite(effect).all()
         for kind in FIGURE_ORDER[:-1]:
             assert (quick_run / "analysis" / "figures" / f"{cmp['name']}__{kind}.json").exists(), kind
+        # each finding names the figure that shows it (the report links them)
+        assert len(cmp["finding_figures"]) == len(cmp["findings"])
+        assert {k for k in cmp["finding_figures"] if k} <= set(FIGURE_ORDER)
+        assert {"head_patching", "patterns", "circuit"} <= set(cmp["finding_figures"])
     for path in (quick_run / "analysis" / "circuits").glob("*.json"):
         circuit = Circuit.from_json(path)
         assert circuit.scores.numel() > 0 and circuit.mask.any()
@@ -54,7 +59,10 @@ def test_report_draws_every_figure_in_a_real_browser(quick_run, tmp_path):
     report = write_report(quick_run)
     page = report.read_text()
     n_figures = page.count('class="plotly-graph-div"')
-    assert n_figures >= 3 + 5 * 8  # robustness figures + the analysis figures of each comparison
+    links, ids = re.findall(r"href='#([^']+)'", page), set(re.findall(r"id='([^']+)'", page))
+    assert any(link.endswith("--circuit") for link in links) and set(links) <= ids  # findings -> figures
+    # robustness figures + the analysis figures of each of the five comparisons (faithfulness optional)
+    assert n_figures >= 3 + 5 * (len(FIGURE_ORDER) - 1)
     browser = _chromium()
     if browser is None:
         if os.environ.get("CI"):

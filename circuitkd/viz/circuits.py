@@ -307,10 +307,13 @@ def circuit_figure(teacher_circuit, student_circuit, comparison, *, teacher_name
               for s in DASH}
     n_teacher = counts["shared"] + counts["lost"]
     n_student = sum(1 for d in drawn if d.model == "student")
+    peak = {who: max((abs(d.score) for d in drawn if d.model == who), default=0.0) for who in grids}
     head_text = {
-        "teacher": f"<b>teacher</b> {html.escape(teacher_name)} · {gt.n_layers}×{gt.n_heads} heads · {n_teacher} edges"
+        "teacher": f"<b>teacher</b> {html.escape(teacher_name)} · {gt.n_layers}×{gt.n_heads} heads · {n_teacher} edges, "
+                   f"strongest |score| {peak['teacher']:.3g}"
                    f"<br><span style='font-size:11px;color:#555'>solid: the student has it too · dotted: lost</span>",
-        "student": f"<b>student</b> {html.escape(student_name)} · {gs.n_layers}×{gs.n_heads} heads · {n_student} edges"
+        "student": f"<b>student</b> {html.escape(student_name)} · {gs.n_layers}×{gs.n_heads} heads · {n_student} edges, "
+                   f"strongest |score| {peak['student']:.3g}"
                    f"<br><span style='font-size:11px;color:#555'>solid: the teacher has it too · dashed: new</span>",
     }
     for who, grid in grids.items():
@@ -329,9 +332,9 @@ def circuit_figure(teacher_circuit, student_circuit, comparison, *, teacher_name
     kept = f"{counts['shared']}/{n_teacher} teacher edges kept by the student"
     fig.update_layout(
         title=dict(text=f"{html.escape(title or 'Teacher vs student circuit')}<br><sup>{kept} · {counts['lost']} "
-                        f"lost · {counts['new']} new · line width ∝ |score| · components matched "
-                        f"{html.escape(matching)}</sup>", y=0.97),
-        plot_bgcolor="white", hovermode="closest", margin=dict(t=130, l=80, r=30, b=110),
+                        f"lost · {counts['new']} new · line width ∝ |score|, one scale for both<br>components matched "
+                        f"{html.escape(matching)}</sup>", y=1.0, yanchor="top", pad=dict(t=14)),
+        plot_bgcolor="white", hovermode="closest", margin=dict(t=150, l=80, r=30, b=110),
         legend=dict(orientation="h", x=0, y=-0.14, yanchor="top"),
         width=int(max(950, 95 * len(columns) + 180)), height=int(280 + 58 * len(rows)))
     return fig

@@ -65,7 +65,8 @@ def head_effects_figure(teacher: Mapping[str, Any], student: Mapping[str, Any], 
 
     def subtitle(who: str, result: Mapping[str, Any]) -> str:
         sens = result.get("sensitivity")
-        drop = f"<br><sup>flipping the shortcut lowers the metric by {float(sens):.2f}</sup>" if sens is not None else ""
+        drop = (f"<br><sup>flipping the shortcut changes the metric by {-float(sens):+.2f}</sup>"
+                if sens is not None else "")
         return f"{who} {html.escape(names[who])}{drop}"
 
     fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12,

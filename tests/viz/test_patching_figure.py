@@ -37,7 +37,7 @@ def test_one_colour_scale_and_matched_heads_marked():
     assert "matched to student head 0.0 (similarity 0.90)" in teacher.customdata[2][2]
     assert "no matched head" in teacher.customdata[0][1]
     titles = [a.text for a in fig.layout.annotations]
-    assert "lowers the metric by 1.50" in titles[0] and "lowers the metric by 2.25" in titles[1]
+    assert "changes the metric by -1.50" in titles[0] and "changes the metric by -2.25" in titles[1]
     assert "hungarian (one-to-one)" in fig.layout.title.text
 
 
