@@ -132,7 +132,7 @@ def resolve_metric(metric: MetricArg, pairs: PromptPairs) -> Metric:
         raise CircuitKDError(f"metric must be a callable (logits, pairs) -> Float[batch] or a name, "
                              f"got {type(metric).__name__}")
     if getattr(metric, "contrasts_answers", False) and torch.equal(pairs.clean_answer, pairs.corrupt_answer):
-        name = getattr(metric, "__name__", type(metric).__name__)
+        name = metric_name(metric)
         raise CircuitKDError(
             f"pairs.clean_answer equals pairs.corrupt_answer on all {len(pairs)} pairs, so metric {name!r} "
             "is 0 on every run: use task.shortcut_pairs(n) (clean_answer = gold label, corrupt_answer = "
@@ -144,6 +144,13 @@ def resolve_metric(metric: MetricArg, pairs: PromptPairs) -> Metric:
 def evaluate_metric(metric: Metric, logits: Tensor, pairs: PromptPairs,
                     clean_logits: Optional[Tensor] = None) -> Float[Tensor, " batch"]:
     """Run ``metric`` (a resolved one) and check it returns one number per example; float64."""
+    name = metric_name(metric)
+    n_out = logits.shape[-1]
+    for field in ("clean_answer", "corrupt_answer"):
+        ans = getattr(pairs, field)
+        if ans.numel() and (int(ans.max()) >= n_out or int(ans.min()) < 0):
+            raise CircuitKDError(f"pairs.{field} holds id {int(ans.max())} but the model has {n_out} outputs "
+                                 f"(classes or vocabulary): ids must be in [0, {n_out})")
     if getattr(metric, "uses_clean_logits", False):
         if clean_logits is None:
             raise CircuitKDError(f"metric {type(metric).__name__} compares with the clean run's logits, "
@@ -154,5 +161,17 @@ def evaluate_metric(metric: Metric, logits: Tensor, pairs: PromptPairs,
     if not isinstance(out, Tensor) or out.shape != (logits.shape[0],):
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise CircuitKDError(f"metric must return one number per example: expected shape ({logits.shape[0]},), "
-                             f"got {shape}")
+                             f"got {shape} (metric {name!r})")
+    if torch.is_grad_enabled() and logits.requires_grad and not out.requires_grad:
+        raise CircuitKDError(f"metric {name!r} does not depend on the logits it is given (its value has no "
+                             "gradient with respect to them): compute it from the logits argument")
+    if out.is_floating_point() and not bool(torch.isfinite(out.detach()).all()):
+        bad = int((~torch.isfinite(out.detach())).sum())
+        raise CircuitKDError(f"metric {name!r} returned a non-finite value (NaN or inf) on {bad} of "
+                             f"{out.shape[0]} examples")
     return out.double()
+
+
+def metric_name(metric: Metric) -> str:
+    """A metric's name for messages: its function name, or its class name."""
+    return getattr(metric, "__name__", None) or type(metric).__name__

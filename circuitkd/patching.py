@@ -212,6 +212,10 @@ def _check_pairs(model, pairs: PromptPairs) -> None:
         n_ctx = int(model.cfg.n_ctx)
         if pairs.clean.shape[1] > n_ctx:
             raise CircuitKDError(f"inputs have {pairs.clean.shape[1]} tokens but the model's n_ctx is {n_ctx}")
+        d_vocab = getattr(model.cfg, "d_vocab", None)
+        top = int(torch.maximum(pairs.clean.max(), pairs.corrupt.max()))
+        if d_vocab and d_vocab > 0 and top >= d_vocab:
+            raise CircuitKDError(f"pairs hold token id {top} but the model's vocabulary has {d_vocab} ids")
 
 
 def _check_kind(model, site: PatchSite) -> None:

@@ -87,16 +87,40 @@ class PromptPairs:
                 f"clean and corrupt differ in shape{detail} "
                 f"(clean {tuple(self.clean.shape)}, corrupt {tuple(self.corrupt.shape)})"
             )
+        for name in ("clean", "corrupt"):
+            value = getattr(self, name)
+            if not isinstance(value, Tensor):
+                raise CircuitKDError(f"{name} must be a tensor of token ids or pixels, got {type(value).__name__}")
+            if value.dtype == torch.bool or value.is_complex():
+                raise CircuitKDError(f"{name} must hold integer token ids or float pixels, got dtype {value.dtype}")
+            if value.dim() == 0:
+                raise CircuitKDError(f"{name} must be [batch pos] token ids or [batch channel height width] pixels, "
+                                     "got a scalar")
+            if value.numel() == 0:
+                continue
+            if value.is_floating_point():
+                if not bool(torch.isfinite(value).all()):
+                    raise CircuitKDError(f"{name} pixels hold non-finite values (NaN or inf)")
+            elif int(value.min()) < 0:
+                raise CircuitKDError(f"{name} holds negative token id {int(value.min())}")
         n = self.clean.shape[0]
         for name in ("clean_answer", "corrupt_answer"):
             value = getattr(self, name)
             if not isinstance(value, Tensor):
-                value = torch.as_tensor(value, dtype=torch.long)
-                setattr(self, name, value)
+                try:
+                    value = torch.as_tensor(value)
+                except (TypeError, ValueError, RuntimeError) as exc:
+                    raise CircuitKDError(f"{name} must be integer class ids, got {value!r}") from exc
+            if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+                raise CircuitKDError(f"{name} must hold integer class (or token) ids, got dtype {value.dtype}")
+            value = value.long()
+            setattr(self, name, value)
             if value.shape != (n,):
                 raise CircuitKDError(
                     f"{name} must have one entry per pair: expected shape ({n},), got {tuple(value.shape)}"
                 )
+            if value.numel() and int(value.min()) < 0:
+                raise CircuitKDError(f"{name} holds negative class id {int(value.min())}")
         if self.attention_mask is not None:
             if self.clean.dim() != 2 or self.attention_mask.shape != self.clean.shape:
                 raise CircuitKDError(

@@ -13,8 +13,11 @@ Faithfulness curves and their areas (CPR, CMD) follow MIB (Mueller et al. 2025).
 """
 from __future__ import annotations
 
+import inspect
 import warnings
 from typing import Callable, Optional
+
+import torch
 
 from circuitkd.circuits.acdc import acdc
 from circuitkd.circuits.base import ABLATIONS, check_pairs
@@ -28,7 +31,7 @@ from circuitkd.circuits.graph import Circuit, ComponentGraph
 from circuitkd.circuits import postln
 from circuitkd.circuits.postln import validate_post_ln
 from circuitkd.errors import CircuitKDError
-from circuitkd.metrics import logit_diff, resolve_metric
+from circuitkd.metrics import logit_diff, metric_name, resolve_metric
 from circuitkd.types import PromptPairs
 
 #: name -> method; every method has the signature above.
@@ -55,6 +58,19 @@ def build_graph(model, pairs: Optional[PromptPairs] = None, *, per_position: boo
     return ComponentGraph.from_model(model, per_position=per_position, n_pos=n_pos, level=level)
 
 
+def _check_options(method: str, options: dict) -> None:
+    """Refuse keywords that ``method`` does not take (a TypeError deep inside otherwise)."""
+    params = inspect.signature(METHODS[method]).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    accepted = {n for n, p in params.items() if p.kind is p.KEYWORD_ONLY} - {"metric", "graph", "ablation",
+                                                                           "batch_size"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise CircuitKDError(f"discover(method={method!r}) got unknown keyword(s) {unknown}; "
+                             f"{method} takes {sorted(accepted)}")
+
+
 def discover(model, pairs: PromptPairs, method: str = "eap-ig", metric=None, *, ablation: str = "corrupt",
              per_position: bool = False, level: str = "edge", batch_size: int = 32,
              top_k: Optional[int] = None, threshold: Optional[float] = None,
@@ -73,6 +89,7 @@ def discover(model, pairs: PromptPairs, method: str = "eap-ig", metric=None, *, 
         raise CircuitKDError(f"unknown circuit method {method!r}; known methods: {sorted(METHODS)}")
     if ablation not in ABLATIONS:
         raise CircuitKDError(f"unknown ablation {ablation!r}; expected one of {ABLATIONS}")
+    _check_options(method, options)
     check_pairs(model, pairs)
     metric = resolve_metric(metric, pairs)
     note = None
@@ -92,6 +109,9 @@ def discover(model, pairs: PromptPairs, method: str = "eap-ig", metric=None, *, 
         options = {k: v for k, v in options.items() if k in ("edges_per_forward",)}
     circuit = METHODS[method](model, pairs, metric=metric, graph=graph, ablation=ablation,
                               batch_size=batch_size, **options)
+    if not bool(torch.isfinite(circuit.scores).all()):
+        raise CircuitKDError(f"{method} scores hold non-finite values (NaN or inf) for metric "
+                             f"{metric_name(metric)!r}: no circuit can be selected from them")
     if top_k is not None:
         circuit = circuit.top_k(top_k)
     elif threshold is not None:
