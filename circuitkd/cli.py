@@ -13,7 +13,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 from circuitkd.errors import CircuitKDError
 
@@ -35,6 +35,51 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad flags end like every other bad input: ``circuitkd: error: ...`` and exit code 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        self.exit(2, f"circuitkd: error: {message}\n")
+
+
+def _number(kind: type, lo: Union[int, float], *, lo_open: bool = False, hi: Union[int, float, None] = None):
+    """An argparse ``type=`` that parses ``kind`` and refuses values out of range (or NaN)."""
+    bound = f"{'>' if lo_open else '>='} {lo}" + (f" and <= {hi}" if hi is not None else "")
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        ok = (value > lo if lo_open else value >= lo) and (hi is None or value <= hi)
+        if not ok:  # NaN fails every comparison
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+_SEED = _number(int, 0)
+_COUNT = _number(int, 1)
+_POSITIVE = _number(float, 0, lo_open=True)
+
+
+def _json_flag(text: Optional[str], flag: str, default=None):
+    """The JSON object passed to ``flag``; a CircuitKDError naming the flag when it is not one."""
+    if text is None:
+        return default
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CircuitKDError(f"{flag} is not valid JSON ({exc.msg} at char {exc.pos}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise CircuitKDError(f"{flag} must be a JSON object of settings, got {text!r}")
+    return value
+
+
 # ------------------------------------------------------------------------- tasks
 
 
@@ -43,7 +88,7 @@ def _task_from_args(args: argparse.Namespace, checkpoint: Optional[Path] = None)
     from circuitkd.experiment import load_task_by_name
     from circuitkd.models.checkpoint import is_checkpoint, load_config
 
-    name, task_args = args.task, json.loads(args.task_args) if args.task_args else None
+    name, task_args = args.task, _json_flag(args.task_args, "--task-args")
     if name is None and checkpoint is not None and is_checkpoint(checkpoint):
         saved = load_config(checkpoint)
         source = saved.get("task_source") or {"task": saved.get("task"), "args": {}}
@@ -92,7 +137,7 @@ def _train(args: argparse.Namespace) -> int:
     from circuitkd import ModelSpec, TrainCfg, evaluate, train_model
 
     task = _task_from_args(args)
-    spec = ModelSpec.preset(args.preset, **json.loads(args.spec or "{}"))
+    spec = ModelSpec.preset(args.preset, **_json_flag(args.spec, "--spec", {}))
     model = train_model(spec, task, debias=args.debias, seed=args.seed, device=args.device,
                         cfg=TrainCfg(steps=args.steps, batch_size=args.batch_size, lr=args.lr),
                         checkpoint=args.out)
@@ -106,7 +151,7 @@ def _distill(args: argparse.Namespace) -> int:
 
     teacher = _load(args.teacher, args)
     task = _task_from_args(args, Path(args.teacher))
-    spec = ModelSpec.preset(args.preset, **json.loads(args.spec or "{}"))
+    spec = ModelSpec.preset(args.preset, **_json_flag(args.spec, "--spec", {}))
     via = [ModelSpec.preset(p.strip()) for p in args.via.split(",")] if args.via else []
     student = distill(teacher, spec, task, temperature=args.temperature, alpha=args.alpha, debias=args.debias,
                       init_from_teacher=args.init_from_teacher, augment=args.augment, via=via, seed=args.seed,
@@ -168,13 +213,26 @@ def _diff(args: argparse.Namespace) -> int:
     return 0
 
 
+_DEFAULT_TOP_K = 20
+
+
 def _discover(args: argparse.Namespace) -> int:
     from circuitkd.circuits import discover
 
     model = _load(args.checkpoint, args)
     task = _task_from_args(args, Path(args.checkpoint))
-    circuit = discover(model, _pairs(args, task), method=args.method, top_k=args.top_k)
-    for edge, score in circuit.top_edges(args.top_k):
+    top_k = args.top_k
+    if top_k is None:
+        from circuitkd.circuits import build_graph
+
+        graph = build_graph(model)
+        n_edges = int(graph.valid.sum()) if graph.level == "edge" else graph.n_sources
+        top_k = min(_DEFAULT_TOP_K, n_edges)
+        if top_k < _DEFAULT_TOP_K:
+            _log(f"note: --top-k defaults to {_DEFAULT_TOP_K}, but this model's graph has {n_edges} edges: "
+                 f"keeping all {top_k}")
+    circuit = discover(model, _pairs(args, task), method=args.method, top_k=top_k)
+    for edge, score in circuit.top_edges(top_k):
         print(f"{str(edge):>24}  {score:+.4f}")
     if args.out:
         circuit.to_json(args.out)
@@ -200,7 +258,12 @@ def _report(args: argparse.Namespace) -> int:
 def _figures(args: argparse.Namespace) -> int:
     from circuitkd.figures import FIGURES, build, save
 
+    run = Path(args.run)
+    if not (run / "results.json").is_file():
+        raise CircuitKDError(f"{run} is not a finished run folder (no results.json): "
+                             f"run `circuitkd run --out {run}` first")
     names = args.only.split(",") if args.only else list(FIGURES)
+    written = 0
     for name in names:
         try:
             fig = build(name, args.run, pair=args.pair)
@@ -210,6 +273,9 @@ def _figures(args: argparse.Namespace) -> int:
             _log(f"skipped {name}: {exc}")
             continue
         print(save(fig, Path(args.out) / f"{name}.{args.format}"))
+        written += 1
+    if not written:
+        raise CircuitKDError(f"no figure could be built from {run} (see the skipped figures above)")
     return 0
 
 
@@ -217,7 +283,7 @@ def _figures(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="circuitkd", description=__doc__.split("\n\n")[0],
+    parser = _Parser(prog="circuitkd", description=__doc__.split("\n\n")[0],
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -233,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", help="experiment config (.json, .toml or .yaml; default: the one shipped)")
     run.add_argument("--quick", action="store_true", help="smoke-run preset: one seed, few steps, small task")
     run.add_argument("--out", help="run folder (default: runs/<name>-<timestamp>)")
-    run.add_argument("--workers", type=int, help="parallel training processes (overrides the config)")
+    run.add_argument("--workers", type=_COUNT, help="parallel training processes (overrides the config)")
     run.add_argument("--device", help="'auto', 'cpu' or 'cuda' (overrides the config)")
     run.add_argument("--no-analysis", action="store_true", help="stop after training and evaluation")
 
@@ -242,10 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--spec", help="JSON of ModelSpec fields overriding the preset, e.g. '{\"d_model\": 64}'")
         p.add_argument("--debias", default="none", help="debiasing method (reweight, poe, learned_mixin_h, focal, "
                                                        "confreg, group_dro, jtt; optionally method:bias)")
-        p.add_argument("--steps", type=int, default=300)
-        p.add_argument("--batch-size", type=int, default=64)
-        p.add_argument("--lr", type=float, default=1e-3)
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--steps", type=_COUNT, default=300)
+        p.add_argument("--batch-size", type=_COUNT, default=64)
+        p.add_argument("--lr", type=_POSITIVE, default=1e-3)
+        p.add_argument("--seed", type=_SEED, default=0)
         p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
         p.add_argument("--out", required=True, help="checkpoint folder to write (an existing one is loaded, "
                                                     "an interrupted one resumed)")
@@ -256,10 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("teacher", help="teacher checkpoint folder")
     training(d)
     d.set_defaults(preset="student")
-    d.add_argument("--temperature", type=float, default=2.0)
-    d.add_argument("--alpha", type=float, default=0.5, help="weight of the label loss (0 = pure KD)")
+    d.add_argument("--temperature", type=_POSITIVE, default=2.0)
+    d.add_argument("--alpha", type=_number(float, 0, hi=1), default=0.5, help="weight of the label loss (0 = pure KD)")
     d.add_argument("--init-from-teacher", action="store_true", help="fix 3: initialise from every other teacher layer")
-    d.add_argument("--augment", type=int, help="fix 1: add this many generated bias-conflicting examples")
+    d.add_argument("--augment", type=_COUNT, help="fix 1: add this many generated bias-conflicting examples")
     d.add_argument("--via", help="fix 2: comma-separated presets of intermediate assistants")
 
     e = command("evaluate", "ID / OOD / per-bias / worst-group accuracy of a checkpoint", _evaluate)
@@ -269,9 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_task(e)
 
     def pairs(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--n", type=int, default=128, help="shortcut-conflict pairs to use")
+        p.add_argument("--n", type=_COUNT, default=128, help="shortcut-conflict pairs to use")
         p.add_argument("--bias", help="flip only this shortcut (default: any)")
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=_SEED, default=0)
         p.add_argument("--device")
         _add_task(p)
 
@@ -280,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--site", default="head", help="head, head_pos, resid, attn_out, mlp_out, q, k, v, pattern, ...")
     pa.add_argument("--direction", default="denoise", choices=["denoise", "noise"])
     pa.add_argument("--raw", action="store_true", help="raw metric instead of the normalised recovery")
-    pa.add_argument("--top", type=int, default=10, help="how many of the largest effects to print")
+    pa.add_argument("--top", type=_COUNT, default=10, help="how many of the largest effects to print")
     pa.add_argument("--out", help="write every effect as JSON")
     pairs(pa)
 
@@ -288,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("teacher")
     di.add_argument("student")
     di.add_argument("--split", default="ood_test")
-    di.add_argument("--n", type=int, default=512)
+    di.add_argument("--n", type=_COUNT, default=512)
     di.add_argument("--matching", default="hungarian", choices=["hungarian", "greedy"])
     di.add_argument("--out", help="write every number as JSON")
     di.add_argument("--device")
@@ -297,15 +363,15 @@ def build_parser() -> argparse.ArgumentParser:
     dc = command("discover", "circuit discovery (exact, eap, eap-ig, acdc) on the shortcut contrast", _discover)
     dc.add_argument("checkpoint")
     dc.add_argument("--method", default="eap-ig", choices=["exact", "eap", "eap-ig", "acdc"])
-    dc.add_argument("--top-k", type=int, default=20)
+    dc.add_argument("--top-k", type=_COUNT, help="edges to keep (default: 20, at most the graph's size)")
     dc.add_argument("--out", help="write the circuit as JSON")
     pairs(dc)
 
     an = command("analyse", "run the analysis stage on a finished run folder", _analyse)
     an.add_argument("run")
-    an.add_argument("--n", type=int, default=96, help="shortcut-conflict pairs")
+    an.add_argument("--n", type=_COUNT, default=96, help="shortcut-conflict pairs")
     an.add_argument("--method", default="eap-ig", choices=["exact", "eap", "eap-ig", "acdc"])
-    an.add_argument("--top-k", type=int, default=20)
+    an.add_argument("--top-k", type=_COUNT, default=20)
 
     rp = command("report", "write report.html for a run folder", _report)
     rp.add_argument("run")

@@ -1,12 +1,15 @@
 """Frozen configuration dataclasses, saved as JSON beside every result (the nanoGPT habit)."""
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import json
+import math
 import os
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 from circuitkd.errors import CircuitKDError
 
@@ -27,11 +30,141 @@ _PRESETS: dict[str, dict[str, Any]] = {
 
 
 def _from_dict(cls, data: dict[str, Any]):
+    if not isinstance(data, dict):
+        raise CircuitKDError(f"{cls.__name__} must be built from a mapping of its fields, got {type(data).__name__}")
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
         raise CircuitKDError(f"unknown {cls.__name__} field(s) {unknown}; known: {sorted(known)}")
+    _validate_values(cls, data)  # before __init__, whose own type checks (if any) are not one-line errors
     return cls(**data)
+
+
+# ------------------------------------------------------------- field validation
+#
+# Every field is checked against its annotation (int, float, bool, str, Optional[...], dict,
+# Sequence); ``_RULES`` adds ranges and names, per class and field. A new field gets its
+# type check for free and a range by adding one row here.
+
+Rule = tuple[str, Callable[[Any], bool]]
+
+
+def _at_least(lo: Union[int, float]) -> Rule:
+    return f">= {lo}", lambda v: v >= lo
+
+
+def _in(lo: Union[int, float], hi: Union[int, float], *, lo_open: bool = False, hi_open: bool = False) -> Rule:
+    text = f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    return text, lambda v: (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+
+
+_POSITIVE: Rule = ("> 0", lambda v: v > 0)
+_NON_NEGATIVE = _at_least(0)
+_AT_LEAST_1 = _at_least(1)
+
+
+def _optional(rule: Rule) -> Rule:
+    return rule[0], lambda v: v is None or rule[1](v)
+
+
+def _each(rule: Rule, kind: type) -> Rule:
+    def ok(values):
+        return all(isinstance(v, kind) and not isinstance(v, bool) and rule[1](v) for v in values)
+    return f"a list of {kind.__name__}s each {rule[0]}", ok
+
+
+def _device_ok(value: str) -> bool:
+    if value == "auto":
+        return True
+    import torch
+
+    try:
+        torch.device(value)
+    except (RuntimeError, TypeError, ValueError):
+        return False
+    return True
+
+
+_RULES: dict[str, dict[str, Rule]] = {
+    "ModelSpec": {
+        "d_mlp": _optional(_AT_LEAST_1), "n_ctx": _optional(_AT_LEAST_1), "d_vocab": _optional(_AT_LEAST_1),
+        "n_classes": _optional(_AT_LEAST_1), "image_size": _AT_LEAST_1, "patch_size": _AT_LEAST_1,
+        "n_channels": _AT_LEAST_1, "dropout": _in(0, 1, hi_open=True), "seed": _NON_NEGATIVE,
+    },
+    "TrainCfg": {
+        "steps": _AT_LEAST_1, "batch_size": _AT_LEAST_1, "lr": _POSITIVE, "weight_decay": _NON_NEGATIVE,
+        "warmup_frac": _in(0, 1, hi_open=True), "grad_clip": _NON_NEGATIVE, "seed": _NON_NEGATIVE,
+        "checkpoint_every": _NON_NEGATIVE, "eval_every": _NON_NEGATIVE,
+    },
+    "DebiasCfg": {
+        "bias": ("a non-empty name", bool), "focal_gamma": _NON_NEGATIVE, "lmh_entropy_weight": _NON_NEGATIVE,
+        "dro_eta": _POSITIVE, "dro_adjustment": _NON_NEGATIVE, "jtt_upweight": _at_least(1),
+        "jtt_id_frac": _in(0, 1, lo_open=True), "unknown_examples": _AT_LEAST_1, "unknown_steps": _AT_LEAST_1,
+        "bias_model_l2": _NON_NEGATIVE,
+    },
+    "ExperimentCfg": {
+        "name": ("a non-empty name", bool),
+        "seeds": _each(_NON_NEGATIVE, int), "alphas": _each(_in(0, 1), float),
+        "methods": ("a list of method names", lambda v: all(isinstance(m, str) for m in v)),
+        "fixes": ("a list of fix names", lambda v: all(isinstance(m, str) for m in v)),
+        "teacher_steps": _AT_LEAST_1, "student_steps": _AT_LEAST_1, "batch_size": _AT_LEAST_1,
+        "lr": _POSITIVE, "temperature": _POSITIVE, "debiased_kd_alpha": _in(0, 1), "fix_alpha": _in(0, 1),
+        "augment_n": _NON_NEGATIVE, "workers": _AT_LEAST_1, "threads_per_worker": _AT_LEAST_1,
+        "device": ("'auto' or a torch device ('cpu', 'cuda', 'cuda:1')", _device_ok),
+    },
+}
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    if hint in (Sequence, list, tuple) or typing.get_origin(hint) in (collections.abc.Sequence, list, tuple):
+        return "a list"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin is Union:
+        return any(_matches(value, a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is dict or origin is dict:
+        return isinstance(value, dict)
+    if hint in (Sequence, list, tuple) or origin in (collections.abc.Sequence, list, tuple):
+        return isinstance(value, (list, tuple))
+    try:
+        return isinstance(value, origin or hint)
+    except TypeError:
+        return True
+
+
+def validate_fields(cfg: Any) -> None:
+    """Check every field of the config dataclass ``cfg`` against its annotation and :data:`_RULES`."""
+    _validate_values(type(cfg), {f.name: getattr(cfg, f.name) for f in fields(cfg)})
+
+
+def _validate_values(cls: type, values: dict[str, Any]) -> None:
+    hints = typing.get_type_hints(cls)
+    rules = _RULES.get(cls.__name__, {})
+    for name, value in values.items():
+        hint = hints.get(name, Any)
+        if not _matches(value, hint):
+            finite = " (finite)" if float in (hint, *typing.get_args(hint)) else ""
+            raise CircuitKDError(f"{cls.__name__}.{name} must be {_type_name(hint)}{finite}, got {value!r}")
+        rule = rules.get(name)
+        if rule is not None and value is not None and not rule[1](value):
+            raise CircuitKDError(f"{cls.__name__}.{name} must be {rule[0]}, got {value!r}")
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -122,6 +255,7 @@ class ModelSpec(_Jsonable):
     seed: int = 0
 
     def __post_init__(self) -> None:
+        validate_fields(self)
         if self.backbone not in BACKBONES:
             raise CircuitKDError(f"unknown backbone {self.backbone!r}; expected one of {BACKBONES}")
         if self.pretrained is None:
@@ -146,9 +280,9 @@ class ModelSpec(_Jsonable):
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "ModelSpec":
         """A named size preset ("teacher", "student", "assistant", "tiny", "bert-*", "vit-*")."""
-        if name not in _PRESETS:
+        if not isinstance(name, str) or name not in _PRESETS:
             raise CircuitKDError(f"unknown preset {name!r}; expected one of {sorted(_PRESETS)}")
-        return cls(**{**_PRESETS[name], **overrides})
+        return cls.from_dict({**_PRESETS[name], **overrides})
 
     @staticmethod
     def presets() -> list[str]:
@@ -185,6 +319,7 @@ class TrainCfg(_Jsonable):
     progress: bool = True
 
     def __post_init__(self) -> None:
+        validate_fields(self)
         if self.steps < 1 or self.batch_size < 1:
             raise CircuitKDError(f"TrainCfg needs steps>=1 and batch_size>=1, got {self.steps}, {self.batch_size}")
         if not 0 <= self.warmup_frac < 1:
@@ -216,6 +351,7 @@ class DebiasCfg(_Jsonable):
     bias_model_l2: float = 1e-3
 
     def __post_init__(self) -> None:
+        validate_fields(self)
         if self.focal_gamma < 0:
             raise CircuitKDError(f"focal_gamma must be >= 0, got {self.focal_gamma}")
         if self.jtt_upweight < 1:
@@ -271,6 +407,7 @@ class ExperimentCfg(_Jsonable):
     def __post_init__(self) -> None:
         for name in ("methods", "seeds", "alphas", "fixes"):
             object.__setattr__(self, name, _tuple(getattr(self, name)))
+        validate_fields(self)
         unknown_fixes = sorted(set(self.fixes) - {"augment", "iterative", "init"})
         if unknown_fixes:
             raise CircuitKDError(f"unknown fix(es) {unknown_fixes}; known: ['augment', 'init', 'iterative']")
@@ -286,6 +423,9 @@ class ExperimentCfg(_Jsonable):
         if self.workers < 1 or self.threads_per_worker < 1:
             raise CircuitKDError(f"workers and threads_per_worker must be >= 1, got {self.workers}, {self.threads_per_worker}")
         DebiasCfg.from_dict(self.debias)
+        for role in ("teacher", "student", "assistant"):
+            self.model_spec(role)
+        _check_names(self)
 
     def model_spec(self, role: str) -> ModelSpec:
         """The :class:`ModelSpec` for "teacher", "student" or "assistant"."""
@@ -303,3 +443,42 @@ class ExperimentCfg(_Jsonable):
 
     def replace(self, **changes: Any) -> "ExperimentCfg":
         return dataclasses.replace(self, **changes)
+
+
+def _check_names(cfg: ExperimentCfg) -> None:
+    """Method, task, task_args and analysis names, checked when the config is built (not after training)."""
+    import inspect
+
+    from circuitkd.train.debias import METHODS
+
+    for name in cfg.methods:
+        base, _, bias = name.partition(":")
+        if base not in METHODS:
+            raise CircuitKDError(f"unknown debiasing method {name!r} in ExperimentCfg.methods; "
+                                 f"known: {sorted(METHODS)}")
+        if bias and not METHODS[base].uses_bias_model:
+            raise CircuitKDError(f"method {base!r} uses no bias-only model, so {name!r} names one it cannot use")
+    from circuitkd import experiment
+
+    if cfg.task not in experiment.TASKS:
+        raise CircuitKDError(f"unknown task {cfg.task!r}; known: {list(experiment.TASKS)}")
+
+    def keys_of(fn, what: str, given: dict, skip: tuple[str, ...] = ()) -> None:
+        params = inspect.signature(fn).parameters
+        if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            return
+        known = {n for n, p in params.items() if p.kind is not p.VAR_POSITIONAL} - set(skip)
+        unknown = sorted(set(given) - known)
+        if unknown:
+            raise CircuitKDError(f"unknown {what} key(s) {unknown}; known: {sorted(known)}")
+
+    from circuitkd import data
+
+    loader = getattr(data, f"load_{cfg.task}" if cfg.task in experiment.TASKS[2:] else cfg.task, None)
+    if loader is not None:
+        extra = ("tokenizer",) if cfg.task in experiment._TEXT_LOADERS else ()
+        args = {k: v for k, v in cfg.task_args.items() if k not in extra}
+        keys_of(loader, f"task_args (task {cfg.task!r})", args)
+    from circuitkd.study import analyse_run
+
+    keys_of(analyse_run, "analysis", cfg.analysis, skip=("run_dir", "log"))

@@ -74,3 +74,46 @@ def test_toml_and_yaml_configs(tmp_path):
 
     with pytest.raises(CircuitKDError, match="cannot parse config file"):
         load_config(tmp_path / "bad.toml")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--task-args", "{bad", "--out", "x"], r"--task-args is not valid JSON"),
+    (["train", "--task-args", "[1]", "--out", "x"], r"--task-args must be a JSON object"),
+    (["train", "--spec", '{"bogus":1}', "--out", "x"], r"unknown ModelSpec field\(s\) \['bogus'\]"),
+    (["train", "--spec", '{"d_model": "wide"}', "--out", "x"], r"ModelSpec.d_model must be int, got 'wide'"),
+    (["train", "--seed", "-1", "--out", "x"], r"argument --seed: must be >= 0, got -1"),
+    (["train", "--lr", "-1", "--out", "x"], r"argument --lr: must be > 0, got -1"),
+    (["train", "--lr", "nan", "--out", "x"], r"argument --lr: must be > 0, got nan"),
+    (["train", "--steps", "thirty", "--out", "x"], r"argument --steps: expected an integer, got 'thirty'"),
+    (["distill", "t", "--alpha", "2", "--out", "x"], r"argument --alpha: must be >= 0 and <= 1, got 2"),
+    (["discover", "c", "--top-k", "0"], r"argument --top-k: must be >= 1, got 0"),
+    (["run", "--workers", "0"], r"argument --workers: must be >= 1, got 0"),
+])
+def test_bad_flag_values_are_circuitkd_errors_with_exit_2(argv, message, capsys):
+    import re
+
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own refusals exit from inside parse_args
+        code = exc.code
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("circuitkd: error: ") and re.search(message, err[-1]), err
+    assert not any("Traceback" in line for line in err)
+
+
+def test_figures_on_a_folder_with_no_run_exits_2(tmp_path, capsys):
+    assert main(["figures", str(tmp_path), "--out", str(tmp_path / "figs")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"circuitkd: error: {tmp_path} is not a finished run folder (no results.json): " \
+                  f"run `circuitkd run --out {tmp_path}` first"
+    assert not (tmp_path / "figs").exists()
+
+
+def test_discover_default_top_k_is_clipped_to_the_graph(checkpoints, capsys):
+    # the tiny student has 1 layer of 2 heads: fewer edges than the default 20
+    assert main(["discover", str(checkpoints / "student"), "--n", "8", "--method", "eap"]) == 0
+    out, err = capsys.readouterr()
+    assert "note: --top-k defaults to 20, but this model's graph has" in err
+    n = int(err.split("graph has ")[1].split()[0])
+    assert n < 20 and len(out.strip().splitlines()) == n
