@@ -240,6 +240,23 @@ def run_job(job: Job, cfg: ExperimentCfg, run_dir: str | Path) -> dict[str, Any]
 
 
 def _worker_init(threads: int) -> None:
+    import multiprocessing
+    import os
+    import threading
+
+    # A worker dies with its driver: when the driver is SIGKILLed the worker is re-parented,
+    # and this watchdog ends it instead of leaving it to finish writing into the run folder.
+    # The driver's pid comes from multiprocessing (not getppid()), so a driver that died
+    # before this ran is noticed too.
+    driver = multiprocessing.parent_process()
+    parent = driver.pid if driver is not None else os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="circuitkd-orphan-watchdog", daemon=True).start()
     import torch
 
     torch.set_num_threads(threads)
