@@ -15,6 +15,7 @@ from torch import Tensor
 
 from circuitkd.config import ModelSpec
 from circuitkd.errors import CircuitKDError
+from circuitkd.native import class_logits_native, supported as native_supported
 
 SPEC_ATTR = "circuitkd_spec"
 
@@ -248,8 +249,30 @@ def class_logits(model, inputs: Tensor, attention_mask: Optional[Tensor] = None)
     Native encoders are read at the CLS position 0; a causal native model is read at each
     example's last real token.
     """
+    if not inputs.is_floating_point() and uses_native_forward(model):
+        return class_logits_native(model, inputs, attention_mask, read_positions(model, inputs, attention_mask))
     out = forward_logits(model, inputs, attention_mask)
     return select_class_logits(model, out, attention_mask)
+
+
+def uses_native_forward(model) -> bool:
+    """Whether :func:`class_logits` reads ``model`` through :mod:`circuitkd.native` (same logits, no hooks).
+
+    Not through a DistributedDataParallel wrapper: DDP synchronises gradients in its own forward.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    return not isinstance(model, DistributedDataParallel) and native_supported(model)
+
+
+def read_positions(model, inputs: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
+    """``Int[batch]``: where each example's class is read (0 for encoders; the last real token if causal)."""
+    B, P = inputs.shape[:2]
+    if read_position(model) == 0:
+        return torch.zeros(B, dtype=torch.long, device=inputs.device)
+    if attention_mask is None:
+        return torch.full((B,), P - 1, dtype=torch.long, device=inputs.device)
+    return attention_mask.long().sum(dim=1) - 1
 
 
 def select_class_logits(model, out: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:

@@ -43,7 +43,8 @@ from torch import Tensor
 from circuitkd.config import DebiasCfg, TrainCfg
 from circuitkd.data.task import Split, Task
 from circuitkd.errors import CircuitKDError
-from circuitkd.models.build import model_device, select_class_logits, spec_of
+from circuitkd.models.build import model_device, read_positions, select_class_logits, spec_of, uses_native_forward
+from circuitkd.native import class_logits_native
 from circuitkd.train.loop import Batch, LossFn
 
 # --------------------------------------------------------------------------- pure losses
@@ -191,6 +192,11 @@ def _bias_product(loss: Callable[..., Tensor], **kw) -> Callable[..., tuple[Loss
 
 def _hidden_and_logits(model, batch: Batch) -> tuple[Tensor, Tensor]:
     """The classifier's input (final hidden state at the read position) and the class logits."""
+    if uses_native_forward(model):
+        logits, hidden = class_logits_native(model, batch.inputs, batch.attention_mask,
+                                             read_positions(model, batch.inputs, batch.attention_mask),
+                                             return_hidden=True)
+        return hidden, logits
     seen: dict[str, Tensor] = {}
 
     def grab(module, args):
