@@ -75,13 +75,9 @@ def _orig(module):
     return module.original_component
 
 
-def class_logits_native(model, tokens: Int[Tensor, "batch pos"], attention_mask: Optional[Tensor] = None,
-                        read_pos: Optional[Int[Tensor, " batch"]] = None, *, return_hidden: bool = False):
-    """Logits ``[batch, d_vocab_out]`` at ``read_pos`` (default 0, the CLS token) of a native bridge.
-
-    With ``return_hidden`` also returns the classifier's input, the final residual stream at the
-    read position after the final LayerNorm (``[batch, d_model]``), what learned-mixin's gate reads.
-    """
+def _forward(model, tokens: Tensor, attention_mask: Optional[Tensor], read_pos: Optional[Tensor],
+             patterns: Optional[list]) -> tuple[Tensor, Tensor]:
+    """``(logits, hidden)`` at the read positions; appends each layer's pattern to ``patterns`` when given."""
     cfg = model.cfg
     n_heads, d_head, d_model = int(cfg.n_heads), int(cfg.d_head), int(cfg.d_model)
     act = ACTIVATIONS[(cfg.act_fn or "gelu").lower()]
@@ -94,7 +90,9 @@ def class_logits_native(model, tokens: Int[Tensor, "batch pos"], attention_mask:
         h = F.layer_norm(x, (d_model,), ln1.weight, ln1.bias, ln1.eps)
         q, k, v = (F.linear(h, _orig(lin).weight, _orig(lin).bias).unflatten(-1, (n_heads, d_head))
                    for lin in (blk.attn.q, blk.attn.k, blk.attn.v))
-        z, _ = attend(q, k, v, blocked, scale)
+        z, pattern = attend(q, k, v, blocked, scale)
+        if patterns is not None:
+            patterns.append(pattern)
         o = _orig(blk.attn.o)
         x = x + F.linear(z.flatten(-2), o.weight, o.bias)
         if not cfg.attn_only:
@@ -107,5 +105,29 @@ def class_logits_native(model, tokens: Int[Tensor, "batch pos"], attention_mask:
         hidden = x[torch.arange(B, device=x.device), read_pos]
     lnf, unembed = _orig(model.ln_final), _orig(model.unembed)
     hidden = F.layer_norm(hidden, (d_model,), lnf.weight, lnf.bias, lnf.eps)
-    logits = F.linear(hidden, unembed.weight, unembed.bias)
+    return F.linear(hidden, unembed.weight, unembed.bias), hidden
+
+
+def class_logits_native(model, tokens: Int[Tensor, "batch pos"], attention_mask: Optional[Tensor] = None,
+                        read_pos: Optional[Int[Tensor, " batch"]] = None, *, return_hidden: bool = False):
+    """Logits ``[batch, d_vocab_out]`` at ``read_pos`` (default 0, the CLS token) of a native bridge.
+
+    With ``return_hidden`` also returns the classifier's input, the final residual stream at the
+    read position after the final LayerNorm (``[batch, d_model]``), what learned-mixin's gate reads.
+    """
+    logits, hidden = _forward(model, tokens, attention_mask, read_pos, None)
     return (logits, hidden) if return_hidden else logits
+
+
+def patterns_native(model, tokens: Int[Tensor, "batch pos"], attention_mask: Optional[Tensor] = None,
+                    read_pos: Optional[Int[Tensor, " batch"]] = None
+                    ) -> tuple[Float[Tensor, "batch d_vocab_out"], Float[Tensor, "batch layer head dest_pos src_pos"]]:
+    """``(logits, patterns)`` of a native bridge from one forward, the patterns keeping their gradients.
+
+    ``logits`` are :func:`class_logits_native`'s; ``patterns`` stacks every layer's attention
+    pattern (rows of padded destinations attend over real sources; fully blocked rows are zero).
+    What attention-transfer distillation trains on.
+    """
+    patterns: list[Tensor] = []
+    logits, _ = _forward(model, tokens, attention_mask, read_pos, patterns)
+    return logits, torch.stack(patterns, dim=1)

@@ -14,6 +14,10 @@
   3. ``init_from_teacher``: the student starts from the teacher's weights, taking evenly
      spaced teacher layers (every other layer when the teacher is twice as deep, as
      DistilBERT did; Sanh et al. 2019, arXiv 1910.01108).
+* A fourth fix, guided by the mechanism the paper points to: ``attention_transfer``, an added
+  loss making matched student heads attend like their teacher heads (MiniLM / TinyBERT-style
+  attention distillation, optionally restricted to the teacher's circuit); see
+  :mod:`circuitkd.train.attention_transfer`.
 
 Teacher logits are computed once per stage on the (augmented) training split: the teacher is
 fixed and has no dropout, so this equals running it on every batch.
@@ -37,6 +41,7 @@ from circuitkd.models.build import build_model, model_device, spec_of
 from circuitkd.models.checkpoint import (
     full_state_dict, is_checkpoint, load_checkpoint, load_full_state_dict, save_checkpoint,
 )
+from circuitkd.train.attention_transfer import AttentionLoss, AttentionTransfer, plan_transfer
 from circuitkd.train.loop import Batch, LossFn, cross_entropy_loss, is_main_process, train_loop
 from circuitkd.train.train import objective, partial_dir
 
@@ -63,10 +68,29 @@ class _MemoBatch(Batch):
             self.__dict__["_logits"] = cached
         return cached
 
+    def patterns(self, model) -> Tensor:
+        """Every layer's attention pattern ``[batch layer head dest_pos src_pos]``, with gradients.
+
+        From the same native forward as the logits, which are memoised with them.
+        """
+        from circuitkd.models.build import read_positions
+        from circuitkd.native import patterns_native
+
+        cached = self.__dict__.get("_patterns")
+        if cached is None:
+            logits, cached = patterns_native(model, self.inputs, self.attention_mask,
+                                             read_positions(model, self.inputs, self.attention_mask))
+            self.__dict__["_logits"], self.__dict__["_patterns"] = logits, cached
+        return cached
+
 
 def make_kd_loss(teacher_logits: Tensor, *, temperature: float, alpha: float,
-                 label_loss: LossFn = cross_entropy_loss) -> LossFn:
-    """``loss_fn(model, batch, step)`` for KD from precomputed ``teacher_logits`` (indexed by ``batch.index``)."""
+                 label_loss: LossFn = cross_entropy_loss, attention: Optional[AttentionLoss] = None) -> LossFn:
+    """``loss_fn(model, batch, step)`` for KD from precomputed ``teacher_logits`` (indexed by ``batch.index``).
+
+    ``attention`` (an :class:`~circuitkd.train.attention_transfer.AttentionLoss`) adds the
+    attention-transfer term, computed from the same forward as the logits.
+    """
     if temperature <= 0:
         raise CircuitKDError(f"temperature must be positive, got {temperature}")
     if not 0.0 <= alpha <= 1.0:
@@ -75,8 +99,10 @@ def make_kd_loss(teacher_logits: Tensor, *, temperature: float, alpha: float,
     def loss_fn(model, batch: Batch, step: int) -> Tensor:
         memo = _MemoBatch(**{k: getattr(batch, k) for k in ("inputs", "labels", "index", "groups", "attention_mask")})
         loss = 0.0
+        if attention is not None:
+            loss = attention(model, memo, memo.patterns(model))
         if alpha > 0:
-            loss = alpha * label_loss(model, memo, step)
+            loss = loss + alpha * label_loss(model, memo, step)
         if alpha < 1:
             target = teacher_logits[batch.index.to(teacher_logits.device)].to(batch.labels.device)
             loss = loss + (1 - alpha) * kd_loss(memo.logits(model), target, temperature)
@@ -147,7 +173,7 @@ def _as_spec(spec: ModelSpec | str) -> ModelSpec:
 
 def distill(teacher, student_spec: ModelSpec | str, task: Task, *, temperature: float = 2.0, alpha: float = 0.5,
             debias: str = "none", init_from_teacher: bool = False, augment: Any = None,
-            via: Sequence[ModelSpec | str] = (), seed: int = 0, cfg: Optional[TrainCfg] = None,
+            via: Sequence[ModelSpec | str] = (), attention_transfer: Any = None, seed: int = 0, cfg: Optional[TrainCfg] = None,
             device: Optional[str | torch.device] = None, checkpoint: Optional[str | Path] = None,
             debias_options: Optional[dict] = None, desc: Optional[str] = None):
     """Distil ``teacher`` into a new student built from ``student_spec``; returns the trained student.
@@ -163,6 +189,10 @@ def distill(teacher, student_spec: ModelSpec | str, task: Task, *, temperature: 
         augment: None; True (a quarter of the train size); a number of examples; or a Split of
             extra bias-conflicting examples (fix 1). The teacher's soft labels cover them too.
         via: intermediate "assistant" specs, distilled in order before the student (fix 2).
+        attention_transfer: fix 4: None; True (defaults); a dict of fields; or an
+            :class:`~circuitkd.train.attention_transfer.AttentionTransfer` — add a loss making
+            matched student heads attend like the teacher's (all heads, chosen heads, or the heads
+            on the teacher's circuit). With ``via`` it applies at every stage and must not name heads.
         seed: seeds every stage's initialisation and batch order.
         cfg: optimisation for each stage (``TrainCfg()`` by default).
         device: where the student trains (the teacher's device by default).
@@ -174,6 +204,16 @@ def distill(teacher, student_spec: ModelSpec | str, task: Task, *, temperature: 
     device = torch.device(device) if device is not None else model_device(teacher)
     specs = [_as_spec(s) for s in via] + [_as_spec(student_spec)]
     split, n_aug = _augmented_split(task, augment, seed)
+    transfer = AttentionTransfer.coerce(attention_transfer)
+    if transfer is not None:
+        for spec in specs:
+            if spec.backbone != "native":
+                raise CircuitKDError(f"attention transfer needs patterns with gradients, but the student spec has "
+                                     f"backbone {spec.backbone!r}: only 'native' students compute attention in "
+                                     "circuitkd.native (HF BERT/ViT attention cannot be trained through)")
+        if via and transfer.restricted:
+            raise CircuitKDError("attention transfer with via= applies at every stage, so it cannot name heads, "
+                                 "a matching or a circuit of one teacher/student pair; drop via or the restriction")
     final = Path(checkpoint) if checkpoint is not None else None
     current = teacher
     for stage, spec in enumerate(specs):
@@ -187,7 +227,7 @@ def distill(teacher, student_spec: ModelSpec | str, task: Task, *, temperature: 
         current = _distill_stage(
             current, spec, task, split, temperature=temperature, alpha=alpha, debias=debias,
             init=init_from_teacher, seed=seed, cfg=cfg, device=device, checkpoint=ckpt,
-            debias_options=debias_options,
+            debias_options=debias_options, transfer=transfer,
             desc=(desc or "distil") + (f" (assistant {stage + 1}/{len(specs) - 1})" if not last else ""),
             info={"augment": n_aug, "via": [s.to_dict() for s in specs[:-1]], "stage": stage},
         )
@@ -196,11 +236,13 @@ def distill(teacher, student_spec: ModelSpec | str, task: Task, *, temperature: 
 
 def _distill_stage(teacher, spec: ModelSpec, task: Task, split: Split, *, temperature: float, alpha: float,
                    debias: str, init: bool, seed: int, cfg: TrainCfg, device, checkpoint: Optional[Path],
-                   debias_options: Optional[dict], desc: str, info: dict):
+                   debias_options: Optional[dict], desc: str, info: dict,
+                   transfer: Optional[AttentionTransfer] = None):
     from circuitkd.evaluate import predict_logits
 
     student = build_model(spec.replace(seed=seed), task, device=device)
     mapping = init_from_teacher(student, teacher) if init else None
+    plan = plan_transfer(transfer, teacher, student, task, seed=seed) if transfer is not None else None
     teacher_logits = predict_logits(teacher, split).to(device)
     if teacher_logits.shape[1] != task.n_classes:
         raise CircuitKDError(
@@ -208,7 +250,9 @@ def _distill_stage(teacher, spec: ModelSpec, task: Task, split: Split, *, temper
         )
     label_loss, extra = objective(debias, task, student, cfg=cfg, seed=seed,
                                   **({"split": split, **(debias_options or {})} if debias not in (None, "none") else {}))
-    loss_fn = make_kd_loss(teacher_logits, temperature=temperature, alpha=alpha, label_loss=label_loss)
+    attention = AttentionLoss(plan, teacher, split, device) if plan is not None else None
+    loss_fn = make_kd_loss(teacher_logits, temperature=temperature, alpha=alpha, label_loss=label_loss,
+                           attention=attention)
     resume = partial_dir(checkpoint) if checkpoint is not None else None
     if resume is not None and cfg.checkpoint_every == 0:
         cfg = cfg.replace(checkpoint_every=max(50, cfg.steps // 5))
@@ -216,7 +260,8 @@ def _distill_stage(teacher, spec: ModelSpec, task: Task, split: Split, *, temper
                         params=list(student.parameters()) + list(extra))
     student.circuitkd_train = {
         "kd": {"temperature": temperature, "alpha": alpha, "debias": debias, "init_from_teacher": init,
-               "layer_map": mapping, **info},
+               "layer_map": mapping, **info,
+               "attention_transfer": None if plan is None else {**plan.to_dict(), "cached": attention.cache is not None}},
         "seed": seed, "train_cfg": cfg.to_dict(), "seconds": result.seconds, "final_loss": result.losses[-1],
     }
     if checkpoint is not None and is_main_process():
