@@ -111,6 +111,10 @@ _RULES: dict[str, dict[str, Rule]] = {
         "lr": _POSITIVE, "temperature": _POSITIVE, "debiased_kd_alpha": _in(0, 1), "fix_alpha": _in(0, 1),
         "augment_n": _NON_NEGATIVE, "workers": _AT_LEAST_1, "threads_per_worker": _AT_LEAST_1,
         "device": ("'auto' or a torch device ('cpu', 'cuda', 'cuda:1')", _device_ok),
+        "student_budgets": _each(_AT_LEAST_1, int), "budget_alpha": _in(0, 1), "n_boot": _at_least(100),
+        "targets": ("a mapping of target names to numbers in [0, 1]",
+                    lambda v: all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x <= 1
+                                  for x in v.values())),
     },
 }
 
@@ -367,6 +371,18 @@ def _tuple(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
+#: What a run's models must reach for its findings to count (means over seeds): the learnability
+#: control (teacher on uncorrelated data), the capacity control (student alone on it), the plain
+#: teacher (learns the task and leans on the shortcuts), and the debiased teachers (at least
+#: ``debiased_min_methods`` of them learn the task and gain OOD accuracy over the plain teacher).
+DEFAULT_TARGETS: dict[str, float] = {
+    "control_teacher_id": 0.95, "control_teacher_ood": 0.90,
+    "control_student_id": 0.90, "control_student_ood": 0.90,
+    "plain_teacher_id": 0.95, "plain_teacher_ood_max": 0.70,
+    "debiased_teacher_id": 0.90, "debiased_teacher_ood_gain": 0.20,
+}
+
+
 @dataclass(frozen=True)
 class ExperimentCfg(_Jsonable):
     """The distillability grid that ``circuitkd run`` trains and evaluates (see ``circuitkd.experiment``).
@@ -403,9 +419,21 @@ class ExperimentCfg(_Jsonable):
     device: str = "auto"
     #: keyword arguments of :func:`circuitkd.study.analyse_run` for ``circuitkd run``'s analysis stage
     analysis: dict = field(default_factory=dict)
+    #: train the learnability control (teacher) and capacity control (student) on the task with
+    #: every shortcut uncorrelated with the label, beside the grid
+    controls: bool = True
+    #: extra student budgets (steps) for the budget sweep: KD at ``budget_alpha`` from the plain
+    #: teacher and from the ``budget_method`` teacher (default: the first of ``methods``)
+    student_budgets: Sequence = ()  # lists from JSON become tuples
+    budget_method: str = ""
+    budget_alpha: float = 0.0
+    #: overrides of :data:`DEFAULT_TARGETS`, the accuracy targets a run's models must reach
+    targets: dict = field(default_factory=dict)
+    #: bootstrap resamples per interval
+    n_boot: int = 2000
 
     def __post_init__(self) -> None:
-        for name in ("methods", "seeds", "alphas", "fixes"):
+        for name in ("methods", "seeds", "alphas", "fixes", "student_budgets"):
             object.__setattr__(self, name, _tuple(getattr(self, name)))
         validate_fields(self)
         unknown_fixes = sorted(set(self.fixes) - {"augment", "iterative", "init"})
@@ -423,6 +451,11 @@ class ExperimentCfg(_Jsonable):
         if self.workers < 1 or self.threads_per_worker < 1:
             raise CircuitKDError(f"workers and threads_per_worker must be >= 1, got {self.workers}, {self.threads_per_worker}")
         DebiasCfg.from_dict(self.debias)
+        unknown_targets = sorted(set(self.targets) - set(DEFAULT_TARGETS))
+        if unknown_targets:
+            raise CircuitKDError(f"unknown target(s) {unknown_targets}; known: {sorted(DEFAULT_TARGETS)}")
+        if self.budget_method and self.budget_method not in self.methods:
+            raise CircuitKDError(f"budget_method {self.budget_method!r} is not one of methods {list(self.methods)}")
         for role in ("teacher", "student", "assistant"):
             self.model_spec(role)
         _check_names(self)
@@ -440,6 +473,14 @@ class ExperimentCfg(_Jsonable):
         if isinstance(value, ModelSpec):
             return value
         raise CircuitKDError(f"{role} must be a preset name or a dict of ModelSpec fields, got {value!r}")
+
+    @property
+    def sweep_method(self) -> Optional[str]:
+        """The debiased teacher the budget sweep distils from (None when there is no method)."""
+        return self.budget_method or (self.methods[0] if self.methods else None)
+
+    def target(self, name: str) -> float:
+        return float(self.targets.get(name, DEFAULT_TARGETS[name]))
 
     def replace(self, **changes: Any) -> "ExperimentCfg":
         return dataclasses.replace(self, **changes)

@@ -1,6 +1,8 @@
 """Robustness metrics: in-distribution, out-of-distribution, per bias type, per group, worst group."""
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
 import torch
@@ -53,12 +55,17 @@ def _acc(correct: Tensor, mask: Tensor | None = None) -> float:
 def evaluate(model, task: Task, *, batch_size: int = 256) -> dict[str, Any]:
     """Accuracy of ``model`` on ``task``.
 
-    Returns a dict with ``id_acc``, ``ood_acc``, ``worst_group_acc`` (lowest accuracy over
-    the groups of id_test ∪ ood_test with at least 5 examples), ``per_group`` (group name ->
-    accuracy on that union), ``per_bias`` (bias type -> {"aligned_acc", "conflicting_acc",
-    "gap", "ood_acc"}: accuracy on id_test ∪ ood_test examples containing that shortcut, split
-    by whether it agrees with the gold label; "ood_acc" is accuracy on ood_test examples where
-    that shortcut conflicts), and ``n`` (split sizes).
+    Returns a dict with ``id_acc``, ``ood_acc``, ``worst_group_acc`` (lowest accuracy over the
+    coarse groups -- gold label x the state of one shortcut: absent / aligned / conflicting --
+    of every bias type, on id_test ∪ ood_test, groups of at least 5 examples),
+    ``fine_worst_group_acc`` (the same over the task's fine groups, every shortcut's state at
+    once), ``per_group`` (fine group name -> accuracy on that union), ``per_bias`` (bias type ->
+    {"aligned_acc", "conflicting_acc", "gap", "ood_acc", "worst_group_acc", "coarse_groups"}:
+    accuracy on id_test ∪ ood_test examples containing that shortcut, split by whether it agrees
+    with the gold label; "ood_acc" is accuracy on ood_test examples where that shortcut
+    conflicts; "coarse_groups" maps ``"label|bias:state"`` to accuracy), ``n`` (split sizes) and
+    ``correct`` ({"id_test", "ood_test"} -> ``Bool[n]`` per-example correctness, what the
+    study's bootstrap intervals resample).
     """
     n_classes = spec_of(model).n_classes if hasattr(model, "circuitkd_spec") else None
     mapping = task.info.get("prediction_map") if task.info else None
@@ -79,7 +86,7 @@ def evaluate(model, task: Task, *, batch_size: int = 256) -> dict[str, Any]:
         per_group[name] = _acc(correct, mask)
         counts[name] = int(mask.sum())
     eligible = [acc for name, acc in per_group.items() if counts[name] >= 5]
-    worst = min(eligible) if eligible else float("nan")
+    fine_worst = min(eligible) if eligible else float("nan")
 
     per_bias: dict[str, dict[str, float]] = {}
     for bias in task.bias_types:
@@ -90,13 +97,27 @@ def evaluate(model, task: Task, *, batch_size: int = 256) -> dict[str, Any]:
         b_ood = ood_split.bias_labels[bias]
         ood_conf = (b_ood >= 0) & (b_ood != ood_split.labels)
         a, c = _acc(correct, aligned), _acc(correct, conflicting)
+        # Coarse groups: gold label x this shortcut's state (absent / aligned / conflicting).
+        state = torch.where(~present, 0, torch.where(aligned, 1, 2))
+        coarse: dict[str, float] = {}
+        for label in both.labels.unique().tolist():
+            for code, state_name in enumerate(("none", "aligned", "conflicting")):
+                mask = (both.labels == label) & (state == code)
+                if int(mask.sum()) >= 5:
+                    name = task.label_names[label] if label < len(task.label_names) else str(label)
+                    coarse[f"{name}|{bias}:{state_name}"] = _acc(correct, mask)
         per_bias[bias] = {"aligned_acc": a, "conflicting_acc": c, "gap": a - c,
-                          "ood_acc": _acc(ood_correct, ood_conf), "n_conflicting": int(conflicting.sum())}
+                          "ood_acc": _acc(ood_correct, ood_conf), "n_conflicting": int(conflicting.sum()),
+                          "worst_group_acc": min(coarse.values()) if coarse else float("nan"),
+                          "coarse_groups": coarse}
+    coarse_worst = [d["worst_group_acc"] for d in per_bias.values() if not math.isnan(d["worst_group_acc"])]
     return {
         "id_acc": _acc(id_correct),
         "ood_acc": _acc(ood_correct),
-        "worst_group_acc": worst,
+        "worst_group_acc": min(coarse_worst) if coarse_worst else fine_worst,
+        "fine_worst_group_acc": fine_worst,
         "per_group": per_group,
         "per_bias": per_bias,
         "n": {"id_test": len(id_split), "ood_test": len(ood_split)},
+        "correct": {"id_test": id_correct, "ood_test": ood_correct},
     }

@@ -33,7 +33,8 @@ def test_plan_covers_grid_in_dependency_order():
     jobs = plan(cfg)
     ids = [j.id for j in jobs]
     assert len(ids) == len(set(ids))
-    per_seed = 3 * 2 + 3 * 2 + 2 * (1 + 2)   # teachers+alone, KD at two alphas, (debiased KD + fixes) per method
+    # teachers+alone, KD at two alphas, (debiased KD + fixes) per method, the two controls
+    per_seed = 3 * 2 + 3 * 2 + 2 * (1 + 2) + 2
     assert len(jobs) == 2 * per_seed
     seen = set()
     for j in jobs:
@@ -43,6 +44,16 @@ def test_plan_covers_grid_in_dependency_order():
     assert by_id["teacher-confreg-s1"].deps == ("teacher-none-s1",)
     assert set(by_id["student-dkd-confreg-s0"].deps) == {"teacher-confreg-s0", "student-alone-none-s0"}
     assert by_id["student-init-poe-s0"].alpha == cfg.fix_alpha
+    assert by_id["teacher-control-s0"].variant == by_id["student-control-s0"].variant == "control"
+
+    # The budget sweep: KD from the plain and the sweep method's teacher at each extra budget.
+    swept = plan(cfg.replace(student_budgets=(100, cfg.student_steps, 900), budget_method="confreg",
+                             controls=False))
+    extra = [j for j in swept if j.steps is not None]
+    assert sorted((j.method, j.steps, j.seed) for j in extra) == sorted(
+        (m, b, s) for m in ("none", "confreg") for b in (100, 900) for s in (0, 1))
+    assert all(j.alpha == cfg.budget_alpha and j.deps == (f"teacher-{j.method}-s{j.seed}",) for j in extra)
+    assert len(swept) == len(jobs) - 4 + len(extra)
 
 
 def _row(variant, method, seed, ood, alpha=None, fix=None):
