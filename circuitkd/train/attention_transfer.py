@@ -104,6 +104,11 @@ def _explicit_matching(matching: Any) -> tuple[tuple[HeadId, HeadId], ...]:
     return tuple(out)
 
 
+def _check_coef(coef: Any) -> None:
+    if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not math.isfinite(coef) or coef < 0:
+        raise CircuitKDError(f"attention transfer coef must be a finite number >= 0, got {coef!r}")
+
+
 @dataclass(frozen=True)
 class AttentionTransfer:
     """Settings of the attention-transfer fix (``distill(..., attention_transfer=AttentionTransfer(...))``).
@@ -134,9 +139,7 @@ class AttentionTransfer:
     circuit_method: str = "eap-ig"
 
     def __post_init__(self) -> None:
-        coef = self.coef
-        if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not math.isfinite(coef) or coef < 0:
-            raise CircuitKDError(f"attention transfer coef must be a finite number >= 0, got {coef!r}")
+        _check_coef(self.coef)
         if self.positions not in POSITIONS:
             raise CircuitKDError(f"attention transfer positions must be one of {POSITIONS}, got {self.positions!r}")
         if isinstance(self.matching, str):
@@ -168,6 +171,7 @@ class AttentionTransfer:
             if unknown:
                 raise CircuitKDError(f"unknown attention transfer options {unknown}; "
                                      f"expected some of {sorted(cls.__dataclass_fields__)}")
+            _check_coef(value.get("coef", 1.0))  # before a type checker on __init__ can see it
             return cls(**value)
         raise CircuitKDError(f"attention_transfer must be None, True, a dict or an AttentionTransfer, "
                              f"got {type(value).__name__}")
