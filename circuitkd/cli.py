@@ -153,8 +153,13 @@ def _distill(args: argparse.Namespace) -> int:
     task = _task_from_args(args, Path(args.teacher))
     spec = ModelSpec.preset(args.preset, **_json_flag(args.spec, "--spec", {}))
     via = [ModelSpec.preset(p.strip()) for p in args.via.split(",")] if args.via else []
+    attention = None
+    if args.attention_transfer is not None or args.attention_circuit is not None:
+        attention = {"coef": 1.0 if args.attention_transfer is None else args.attention_transfer,
+                     "positions": args.attention_positions, "circuit": args.attention_circuit}
     student = distill(teacher, spec, task, temperature=args.temperature, alpha=args.alpha, debias=args.debias,
                       init_from_teacher=args.init_from_teacher, augment=args.augment, via=via, seed=args.seed,
+                      attention_transfer=attention,
                       cfg=TrainCfg(steps=args.steps, batch_size=args.batch_size, lr=args.lr), device=args.device,
                       checkpoint=args.out)
     print(json.dumps(_headline(evaluate(student, task)), indent=1))
@@ -327,6 +332,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--init-from-teacher", action="store_true", help="fix 3: initialise from every other teacher layer")
     d.add_argument("--augment", type=_COUNT, help="fix 1: add this many generated bias-conflicting examples")
     d.add_argument("--via", help="fix 2: comma-separated presets of intermediate assistants")
+    d.add_argument("--attention-transfer", type=_number(float, 0), metavar="COEF",
+                   help="fix 4: add COEF x the attention KL of depth-matched student/teacher heads")
+    d.add_argument("--attention-positions", choices=("all", "read"), default="all",
+                   help="attention-transfer rows: every real token (default) or the read-out position")
+    d.add_argument("--attention-circuit", type=_COUNT, metavar="K",
+                   help="fix 4, circuit-guided: transfer only the heads on the teacher's top-K EAP-IG edges")
 
     e = command("evaluate", "ID / OOD / per-bias / worst-group accuracy of a checkpoint", _evaluate)
     e.add_argument("checkpoint")

@@ -35,6 +35,15 @@ def test_train_then_evaluate_reads_the_task_from_the_checkpoint(checkpoints, cap
     assert scores["n"] == {"id_test": 100, "ood_test": 100}  # the checkpoint's own task, not the default size
 
 
+def test_distill_with_attention_transfer(checkpoints, tmp_path):
+    out = tmp_path / "at"
+    assert main(["distill", str(checkpoints / "teacher"), "--preset", "tiny", "--steps", "3", "--alpha", "0",
+                 "--attention-transfer", "0.5", "--attention-positions", "read", "--attention-circuit", "8",
+                 "--out", str(out)]) == 0
+    at = json.loads((out / "config.json").read_text())["kd"]["attention_transfer"]
+    assert at["coef"] == 0.5 and at["positions"] == "read" and at["circuit"]["top_k"] == 8
+
+
 def test_patch_diff_discover_on_checkpoints(checkpoints, capsys, tmp_path):
     assert main(["patch", str(checkpoints / "student"), "--n", "16", "--out", str(tmp_path / "p.json")]) == 0
     assert json.loads((tmp_path / "p.json").read_text())["site"] == "head"
@@ -87,6 +96,8 @@ def test_toml_and_yaml_configs(tmp_path):
     (["train", "--steps", "thirty", "--out", "x"], r"argument --steps: expected an integer, got 'thirty'"),
     (["distill", "t", "--alpha", "2", "--out", "x"], r"argument --alpha: must be >= 0 and <= 1, got 2"),
     (["discover", "c", "--top-k", "0"], r"argument --top-k: must be >= 1, got 0"),
+    (["distill", "t", "--attention-transfer", "-1", "--out", "x"], r"argument --attention-transfer: must be >= 0, got -1"),
+    (["distill", "t", "--attention-circuit", "0", "--out", "x"], r"argument --attention-circuit: must be >= 1, got 0"),
     (["run", "--workers", "0"], r"argument --workers: must be >= 1, got 0"),
 ])
 def test_bad_flag_values_are_circuitkd_errors_with_exit_2(argv, message, capsys):

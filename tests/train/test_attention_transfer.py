@@ -82,7 +82,10 @@ def test_patterns_native_match_hook_patterns(task, teacher):
     ref = torch.stack([cache[f"blocks.{layer}.attn.hook_pattern"] for layer in range(2)], dim=1)
     assert patterns.shape == (6, 2, 2, x.shape[1], x.shape[1])
     torch.testing.assert_close(patterns, ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(logits, ckd.models.build.class_logits(teacher, x, m))
+    from circuitkd.models.build import forward_logits, select_class_logits  # the hooked bridge forward
+
+    torch.testing.assert_close(logits, select_class_logits(teacher, forward_logits(teacher, x, m), m),
+                               atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("positions", ["all", "read"])
