@@ -12,7 +12,7 @@ from circuitkd.config import DebiasCfg, ExperimentCfg, ModelSpec, TrainCfg
 from circuitkd.errors import CircuitKDError
 from circuitkd.evaluate import evaluate
 from circuitkd.models import ModelPair, build_model, load_checkpoint, save_checkpoint
-from circuitkd.train import distill, train_model
+from circuitkd.train import AttentionTransfer, distill, train_model
 from circuitkd.types import Edge, Node, PromptPairs
 from circuitkd.engine import run as run_hooked
 from circuitkd.patching import attribution_patch, patch, path_patch
@@ -20,6 +20,7 @@ from circuitkd.patching import attribution_patch, patch, path_patch
 __all__ = [
     "CircuitKDError", "Edge", "Node", "PromptPairs", "ModelSpec", "TrainCfg", "ModelPair",
     "build_model", "load_checkpoint", "save_checkpoint", "train_model", "distill", "DebiasCfg", "ExperimentCfg", "evaluate", "data",
+    "AttentionTransfer",
 ]
 __all__ += ["run_hooked", "patch", "path_patch", "attribution_patch"]
 from circuitkd.attention import AttentionDiff, AttentionStats, ShortcutHeads, attention_stats, diff_attention, shortcut_heads

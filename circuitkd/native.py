@@ -8,7 +8,9 @@ The parameters are the bridge's own ``original_component`` tensors, so gradients
 model being trained and nothing is copied.
 
 :func:`attend` is where circuitkd computes native attention; the patching fast path and the
-circuit edge runner call it too.
+circuit edge runner call it too. :func:`patterns_native` runs the same forward and also returns
+every layer's pattern with its gradients, what attention-transfer distillation trains on
+(:mod:`circuitkd.train.attention_transfer`).
 """
 from __future__ import annotations
 
