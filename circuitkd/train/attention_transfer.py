@@ -352,13 +352,16 @@ class AttentionLoss:
 
     def __init__(self, plan: TransferPlan, teacher, split: Split, device, *,
                  max_cache_bytes: int = MAX_CACHE_BYTES, batch_size: int = 256):
+        from circuitkd.models.build import model_device
+
         self.plan, self.teacher = plan, teacher
+        self.device, self.teacher_device = torch.device(device), model_device(teacher)
         self.coef = plan.coef
         self.read = plan.positions == "read"
         self.teacher_heads = plan.teacher_heads
         col = {t: i for i, t in enumerate(self.teacher_heads)}
-        self.t_layer = torch.tensor([tl for tl, _ in self.teacher_heads], device=device)
-        self.t_head = torch.tensor([th for _, th in self.teacher_heads], device=device)
+        self.t_layer = torch.tensor([tl for tl, _ in self.teacher_heads], device=self.teacher_device)
+        self.t_head = torch.tensor([th for _, th in self.teacher_heads], device=self.teacher_device)
         self.t_col = torch.tensor([col[(tl, th)] for _, _, tl, th in plan.pairs], device=device)
         self.s_layer = torch.tensor([sl for sl, _, _, _ in plan.pairs], device=device)
         self.s_head = torch.tensor([sh for _, sh, _, _ in plan.pairs], device=device)
@@ -368,23 +371,24 @@ class AttentionLoss:
         if n_bytes <= max_cache_bytes:
             chunks = []
             for lo in range(0, N, batch_size):
-                inputs = split.inputs[lo:lo + batch_size].to(device)
-                mask = None if split.attention_mask is None else split.attention_mask[lo:lo + batch_size].to(device)
-                chunks.append(self._teacher(inputs, mask))
+                mask = None if split.attention_mask is None else split.attention_mask[lo:lo + batch_size]
+                chunks.append(self._teacher(split.inputs[lo:lo + batch_size], mask))
             self.cache = torch.cat(chunks)
 
     def _teacher(self, inputs: Tensor, mask: Optional[Tensor]) -> Tensor:
-        """``[batch, teacher head, dest_pos | 1, src_pos]`` patterns of the plan's teacher heads."""
+        """``[batch, teacher head, dest_pos | 1, src_pos]`` patterns of the plan's teacher heads, on the student's device."""
         from circuitkd.models.build import read_positions
         from circuitkd.native import patterns_native
 
+        inputs = inputs.to(self.teacher_device)
+        mask = None if mask is None else mask.to(self.teacher_device)
         with torch.no_grad():
             _, pt = patterns_native(self.teacher, inputs, mask)
             pt = pt[:, self.t_layer, self.t_head]
             if self.read:
                 pos = read_positions(self.teacher, inputs, mask)
                 pt = pt[torch.arange(len(pos), device=pt.device), :, pos][:, :, None]
-        return pt.float()
+        return pt.float().to(self.device)
 
     def __call__(self, model, batch, student_patterns: Float[Tensor, "batch layer head dest_pos src_pos"]) -> Tensor:
         from circuitkd.models.build import read_positions

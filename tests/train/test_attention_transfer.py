@@ -249,3 +249,13 @@ def test_backbones_without_trainable_patterns(task, teacher, no_training):
     with pytest.raises(CircuitKDError, match="via"):
         ckd.distill(teacher, STUDENT, task, cfg=CFG, via=[TEACHER],
                     attention_transfer=AttentionTransfer(student_heads=[(0, 0)]))
+
+
+def test_every_stage_of_iterative_kd_gets_the_transfer(task, teacher):
+    student = ckd.distill(teacher, ModelSpec(n_layers=1, d_model=32, n_heads=2), task, alpha=0.0,
+                          cfg=CFG.replace(steps=3), via=[ModelSpec(n_layers=2, d_model=32, n_heads=4)],
+                          attention_transfer=AttentionTransfer(positions="read"))
+    at = student.circuitkd_train["kd"]["attention_transfer"]
+    # The last stage's teacher is the 4-head assistant: the student's two heads match two of its heads.
+    assert at["positions"] == "read" and len(at["pairs"]) == 2
+    assert {p["teacher"] for p in at["pairs"]} <= {f"0.{h}" for h in range(4)}
