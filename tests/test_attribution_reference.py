@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from circuitkd import ModelSpec, PromptPairs, build_model
 from circuitkd.patching import SITES, attribution_patch
@@ -50,6 +51,12 @@ def _logit_diff(logits, pairs):
     return read[torch.arange(N), pairs.clean_answer] - read[torch.arange(N), pairs.corrupt_answer]
 
 
+def _kl(logits, clean_logits):
+    """KL(p_clean || p_run) at the read-out, by torch's kl_div (input = log q, target = log p)."""
+    return F.kl_div(logits[:, 0].double().log_softmax(-1), clean_logits[:, 0].double().log_softmax(-1),
+                    log_target=True, reduction="none").sum(-1)
+
+
 def _reduce(contrib, kind, by_pos):
     if kind in ("z", "q", "k", "v"):  # [batch pos head d_head] -> [head pos]
         per = contrib.sum(dim=(0, 3)).T
@@ -60,14 +67,16 @@ def _reduce(contrib, kind, by_pos):
     return per if by_pos else per.sum(-1)
 
 
-def _reference(model, pairs, kind, by_pos, direction):
+def _reference(model, pairs, kind, by_pos, direction, metric):
     base, src = (pairs.corrupt, pairs.clean) if direction == "denoise" else (pairs.clean, pairs.corrupt)
     mask = pairs.attention_mask
     names = [HOOK[kind].format(l=l) for l in range(model.cfg.n_layers)]
     with torch.no_grad():
         _, src_cache = model.run_with_cache(src, attention_mask=mask, names_filter=lambda n: n in names)
-        m_clean = float(_logit_diff(model(pairs.clean, attention_mask=mask), pairs).mean())
-        m_corrupt = float(_logit_diff(model(pairs.corrupt, attention_mask=mask), pairs).mean())
+        clean_logits = model(pairs.clean, attention_mask=mask)
+        fn = (lambda lg: _logit_diff(lg, pairs)) if metric == "logit_diff" else (lambda lg: _kl(lg, clean_logits))
+        m_clean = float(fn(clean_logits).mean())
+        m_corrupt = float(fn(model(pairs.corrupt, attention_mask=mask)).mean())
     kept = {}
 
     def keep(name):
@@ -78,27 +87,34 @@ def _reference(model, pairs, kind, by_pos, direction):
         return fn
 
     with model.hooks(fwd_hooks=[(n, keep(n)) for n in names]):
-        m = _logit_diff(model(base, attention_mask=mask), pairs)
+        m = fn(model(base, attention_mask=mask))
         m.sum().backward()
     model.zero_grad(set_to_none=True)
-    est = torch.stack([_reduce((kept[n].grad * (src_cache[n] - kept[n].detach())).double(), kind, by_pos)
+    grads = {n: torch.zeros_like(kept[n]) if kept[n].grad is None else kept[n].grad for n in names}
+    est = torch.stack([_reduce((grads[n] * (src_cache[n] - kept[n].detach())).double(), kind, by_pos)
                        for n in names]) / N + float(m.mean())
     return est, m_clean, m_corrupt
 
 
+@pytest.mark.parametrize("metric", ["logit_diff", "kl"])
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
-def test_every_site_equals_hand_autograd(model, direction):
+def test_every_site_equals_hand_autograd(model, direction, metric):
     pairs = _pairs()
     for name, site in sorted(SITES.items()):
-        ref, m_clean, m_corrupt = _reference(model, pairs, site.kind, site.by_pos, direction)
-        raw = attribution_patch(model, pairs, name, direction=direction, normalise=False)
-        norm = attribution_patch(model, pairs, name, direction=direction, normalise=True)
+        ref, m_clean, m_corrupt = _reference(model, pairs, site.kind, site.by_pos, direction, metric)
+        raw = attribution_patch(model, pairs, name, metric, direction=direction, normalise=False)
+        norm = attribution_patch(model, pairs, name, metric, direction=direction, normalise=True)
         assert raw.shape == ref.shape, name
         torch.testing.assert_close(raw.double(), ref, atol=1e-5, rtol=1e-4, msg=name)
         torch.testing.assert_close(norm.double(), (ref - m_corrupt) / (m_clean - m_corrupt), atol=1e-4,
                                    rtol=1e-4, msg=name)
         base = m_corrupt if direction == "denoise" else m_clean
-        assert (ref - base).abs().max() > 1e-3, name  # the estimate is not the base metric everywhere
+        if metric == "kl" and direction == "noise":
+            # the clean run is KL's minimum: zero gradient, so the estimate is 0 everywhere
+            assert ref.abs().max() < 1e-9 and m_clean == pytest.approx(0.0, abs=1e-9), name
+        else:
+            # the estimate is not the base metric everywhere (KL is ~0.01 here, a logit difference ~1)
+            assert (ref - base).abs().max() > (1e-3 if metric == "logit_diff" else 1e-4), name
 
 
 def test_estimate_is_the_first_order_term_of_real_patching(model):
