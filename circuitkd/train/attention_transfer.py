@@ -303,8 +303,9 @@ def plan_transfer(cfg: AttentionTransfer, teacher, student, task: Optional[Task]
         _check_in(on_circuit, teacher, "teacher", "the circuit")
         targets = [t for t in targets if t in set(on_circuit)]
         if not targets:
-            raise CircuitKDError(f"the teacher's circuit has no attention heads{' among its chosen teacher_heads' if cfg.teacher_heads else ''}"
-                                 f" (heads on it: {on_circuit}): nothing to transfer; keep more edges")
+            among = " among teacher_heads" if cfg.teacher_heads is not None else ""
+            raise CircuitKDError(f"the teacher's circuit has no attention heads{among} (heads on it: {on_circuit}): "
+                                 "nothing to transfer; keep more edges")
     if isinstance(cfg.matching, str) and cfg.matching == "depth":
         pairs4 = depth_matching((Lt, Ht), _shape(student), targets)
         method = "depth (one-to-one by relative depth)"
@@ -376,7 +377,7 @@ class AttentionLoss:
             self.cache = torch.cat(chunks)
 
     def _teacher(self, inputs: Tensor, mask: Optional[Tensor]) -> Tensor:
-        """``[batch, teacher head, dest_pos | 1, src_pos]`` patterns of the plan's teacher heads, on the student's device."""
+        """``[batch, teacher head, dest_pos | 1, src_pos]`` patterns of the plan's teacher heads (student's device)."""
         from circuitkd.models.build import read_positions
         from circuitkd.native import patterns_native
 

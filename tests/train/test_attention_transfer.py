@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import circuitkd as ckd
+from circuitkd.circuits import Circuit
 from circuitkd.config import ModelSpec, TrainCfg
 from circuitkd.errors import CircuitKDError
 from circuitkd.models.checkpoint import full_state_dict, load_full_state_dict
@@ -71,8 +72,9 @@ def test_loss_hand_value():
     expected = sum(kl(t[0, n, r].tolist(), s[0, n, r].tolist()) for n in range(2) for r in range(2)) / 4
     assert attention_transfer_loss(s, t, rows).item() == pytest.approx(expected, rel=1e-5)
     # The read-out row only: one row per pair.
-    expected_read = (kl(t[0, 0, 0].tolist(), s[0, 0, 0].tolist()) + kl(t[0, 1, 0].tolist(), s[0, 1, 0].tolist())) / 2
-    assert attention_transfer_loss(s[:, :, :1], t[:, :, :1], rows[:, :1]).item() == pytest.approx(expected_read, rel=1e-5)
+    expected_read = sum(kl(t[0, n, 0].tolist(), s[0, n, 0].tolist()) for n in range(2)) / 2
+    got_read = attention_transfer_loss(s[:, :, :1], t[:, :, :1], rows[:, :1]).item()
+    assert got_read == pytest.approx(expected_read, rel=1e-5)
 
 
 def test_patterns_native_match_hook_patterns(task, teacher):
@@ -197,6 +199,13 @@ def test_circuit_guided_variant_restricts_to_the_circuits_heads():
     assert heads, "the tiny teacher's top-4 edges should touch a head"
     plan = plan_transfer(AttentionTransfer(circuit=circuit.top_k(4)), teacher, student, task)
     assert set(plan.teacher_heads) <= set(heads) and set(plan.circuit_heads) == set(heads)
+    with pytest.raises(CircuitKDError, match="circuit has no attention heads"):
+        plan_transfer(AttentionTransfer(circuit=circuit.top_k(0)), teacher, student, task)
+    # Another model's circuit: every edge of the 2-layer teacher's graph names layer-1 heads.
+    whole = Circuit(circuit.graph, circuit.scores)
+    one_layer = ckd.build_model(ModelSpec.preset("tiny"), task, device="cpu")
+    with pytest.raises(CircuitKDError, match="names head 1.0, which the teacher does not have"):
+        plan_transfer(AttentionTransfer(circuit=whole), one_layer, student, task)
     trained = ckd.distill(teacher, student_spec, task, alpha=0.0, cfg=CFG.replace(steps=3),
                           attention_transfer=AttentionTransfer(circuit=8, circuit_pairs=32))
     info = trained.circuitkd_train["kd"]["attention_transfer"]
