@@ -329,7 +329,6 @@ def test_shortcut_heads_rank_by_attention_and_confirm_by_ablation():
 
 
 def test_shortcut_heads_confirmed_by_the_patching_engine():
-    pytest.importorskip("circuitkd.patching")
     task = toy_text_task(n_test=16, seq=8)
     for sp in task.splits.values():
         sp.token_classes = {"token": torch.zeros_like(sp.inputs, dtype=torch.bool).index_fill_(1, torch.tensor([1]), True)}

@@ -149,7 +149,7 @@ _TL = {
 
 @pytest.mark.parametrize("site", sorted(_TL))
 def test_equals_transformer_lens_patching(site):
-    tlp = pytest.importorskip("transformer_lens.patching")
+    import transformer_lens.patching as tlp  # a dependency: an import error must fail, not skip
     model = _native()
     pairs = _pairs(masked=False)  # TL's patching passes no attention mask
     fn_name, axes = _TL[site]
