@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import circuitkd.circuits as C
-from circuitkd.types import Edge, Node
+from circuitkd.types import Edge, Node, PromptPairs
 
 from .conftest import build, text_pairs
 
@@ -29,9 +29,9 @@ torch.set_num_threads(1)
 # ---------------------------------------------------------------------------- the hand-written reference
 
 
-def _run(model, tokens, fwd_hooks=()):
+def _run(model, tokens, fwd_hooks=(), mask=None):
     with model.hooks(fwd_hooks=list(fwd_hooks)):
-        return model(tokens)
+        return model(tokens) if mask is None else model(tokens, attention_mask=mask)
 
 
 def _read(logits):
@@ -50,12 +50,13 @@ def _kl_clean_to_run(run_logits, clean_logits):
                     log_target=True, reduction="none").sum(-1)
 
 
-def _sources(model, tokens):
+def _sources(model, tokens, mask):
     """Every source's write into the residual stream, in the graph's order, and the logits."""
     names = ["blocks.0.hook_resid_pre"] + [f"blocks.{l}.attn.hook_z" for l in range(model.cfg.n_layers)] \
         + [f"blocks.{l}.hook_mlp_out" for l in range(model.cfg.n_layers)]
     with torch.no_grad():
-        logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
+        kw = {} if mask is None else {"attention_mask": mask}
+        logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names, **kw)
     out = [cache["blocks.0.hook_resid_pre"]]
     for l in range(model.cfg.n_layers):
         W_O = model.blocks[l].attn.W_O  # [head d_head d_model]
@@ -119,13 +120,19 @@ def _reader_hooks(model, reader, delta):
     return [(f"blocks.{l}.hook_resid_pre", keep), (f"blocks.{l}.attn.hook_{port}", replace)]
 
 
-@pytest.fixture(scope="module")
-def setup():
+@pytest.fixture(scope="module", params=["unpadded", "padded"])
+def setup(request):
     torch.manual_seed(0)
     model = build("native")
     pairs = text_pairs()
-    clean_src, clean_logits = _sources(model, pairs.clean)
-    corrupt_src, corrupt_logits = _sources(model, pairs.corrupt)
+    if request.param == "padded":  # two pairs end in padding: the mask must reach every patched run
+        mask = torch.ones_like(pairs.clean)
+        mask[0, -2:] = 0
+        mask[1, -1:] = 0
+        pairs = PromptPairs(clean=pairs.clean, corrupt=pairs.corrupt, clean_answer=pairs.clean_answer,
+                            corrupt_answer=pairs.corrupt_answer, attention_mask=mask, position=0)
+    clean_src, clean_logits = _sources(model, pairs.clean, pairs.attention_mask)
+    corrupt_src, corrupt_logits = _sources(model, pairs.corrupt, pairs.attention_mask)
     graph = C.ComponentGraph.from_model(model)
     return model, pairs, graph, clean_src, corrupt_src, clean_logits, corrupt_logits
 
@@ -138,7 +145,7 @@ def _edge_patched_logits(setup):
         for reader in _readers(model):
             for s in _upstream(model, reader):
                 delta = corrupt_src[s] - clean_src[s]
-                out[(s, reader)] = _run(model, pairs.clean, _reader_hooks(model, reader, delta))
+                out[(s, reader)] = _run(model, pairs.clean, _reader_hooks(model, reader, delta), pairs.attention_mask)
     return out
 
 
@@ -151,7 +158,8 @@ def test_reference_sources_sum_to_the_residual_stream(setup):
     """Sanity of the hand reference: the sources plus the b_O's rebuild ln_final's input exactly."""
     model, pairs, graph, clean_src, *_ = setup
     with torch.no_grad():
-        _, cache = model.run_with_cache(pairs.clean, names_filter=lambda n: n == "ln_final.hook_in")
+        kw = {} if pairs.attention_mask is None else {"attention_mask": pairs.attention_mask}
+        _, cache = model.run_with_cache(pairs.clean, names_filter=lambda n: n == "ln_final.hook_in", **kw)
     b_O = sum(model.blocks[l].attn.b_O for l in range(model.cfg.n_layers))
     torch.testing.assert_close(clean_src.sum(0) + b_O, cache["ln_final.hook_in"], atol=1e-5, rtol=1e-5)
     assert len(_upstream(model, _readers(model)[-1])) == graph.n_sources
@@ -171,14 +179,14 @@ def test_exact_equals_hand_patched_edges(setup, edge_logits):
 
 def _reader_gradients(setup, tokens, metric, embed=None):
     """d metric(sum over pairs) / d (what each reader reads), by autograd through hooks added here."""
-    model = setup[0]
+    model, pairs = setup[0], setup[1]
     grads = {}
     for reader in _readers(model):
         eps = torch.zeros(tokens.shape + (model.cfg.d_model,), requires_grad=True)
         hooks = _reader_hooks(model, reader, eps)
         if embed is not None:
             hooks = [("blocks.0.hook_resid_pre", lambda act, hook: embed)] + hooks
-        value = metric(_run(model, tokens, hooks)).sum()
+        value = metric(_run(model, tokens, hooks, pairs.attention_mask)).sum()
         (grads[reader],) = torch.autograd.grad(value, eps)
     return grads
 
