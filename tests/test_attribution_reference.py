@@ -92,7 +92,7 @@ def _reference(model, pairs, kind, by_pos, direction, metric):
     model.zero_grad(set_to_none=True)
     grads = {n: torch.zeros_like(kept[n]) if kept[n].grad is None else kept[n].grad for n in names}
     est = torch.stack([_reduce((grads[n] * (src_cache[n] - kept[n].detach())).double(), kind, by_pos)
-                       for n in names]) / N + float(m.mean())
+                       for n in names]) / N + float(m.detach().mean())
     return est, m_clean, m_corrupt
 
 
