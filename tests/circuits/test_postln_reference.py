@@ -54,7 +54,7 @@ def _sources(model, tokens, L, H):
     return out, logits
 
 
-def test_frozen_norm_edges_equal_a_hand_patched_bert():
+def test_frozen_norm_exact_and_eap_edges_equal_a_hand_patched_bert():
     model = build("bert")
     _scale_up(model, 3.0)  # larger edge effects (up to ~0.3), so 1e-5 is a tight tolerance
     g = torch.Generator().manual_seed(0)
@@ -128,6 +128,39 @@ def test_frozen_norm_edges_equal_a_hand_patched_bert():
             checked += 1
     assert checked == int(graph.valid.sum())
     assert circuit.scores.abs().max() > 1e-2
+
+    # EAP on the same frozen-norm model: the gradient at each reader's input, by autograd through the
+    # hand-frozen norms, times each source's difference carried to that reader
+    eap = C.eap(model, pairs, metric=C.logit_diff, graph=graph)
+    ref = torch.zeros(graph.shape)
+    for kind, l, h, port in readers:
+        node = Node("output") if kind == "output" else Node(kind, l, h)
+        last = {"head": 2 * (l or 0) - 1, "mlp": 2 * (l or 0), "output": 2 * L - 1}[kind]
+        eps = torch.zeros_like(clean_src[0], requires_grad=True)
+        store = {}
+        hooks = []
+        for n in _norm_names(L):
+            hooks += [(f"{n}.hook_in", keep(n)), (f"{n}.hook_out", freeze(n))]
+        if kind == "head":
+            W = getattr(model.blocks[l].attn, f"W_{port.upper()}")[h]
+            b = getattr(model.blocks[l].attn, f"b_{port.upper()}")[h]
+
+            def put_eps(act, hook, W=W, b=b, h=h, l=l):
+                act = act.clone()
+                act[:, :, h] = (store[f"resid{l}"] + eps) @ W + b
+                return act
+            hooks += [(f"blocks.{l}.hook_resid_pre", keep(f"resid{l}")), (f"blocks.{l}.attn.hook_{port}", put_eps)]
+        else:
+            hooks.append((f"blocks.{l}.mlp.hook_in" if kind == "mlp" else "pooler.hook_in",
+                          lambda act, hook: act + eps))
+        with model.hooks(fwd_hooks=hooks):
+            (grad,) = torch.autograd.grad(_logit_diff(model(pairs.clean), pairs).sum(), eps)
+        for s, src in enumerate(graph.sources):
+            if _upstream(src, node):
+                d = through(corrupt_src[s] - clean_src[s], first_norm[s], last)
+                ref[graph.edge_cell(Edge(src, node, port))] = (d * grad).sum() / len(pairs)
+    torch.testing.assert_close(eap.scores, ref, atol=1e-5, rtol=1e-4)
+    assert ref.abs().max() > 1e-2
 
 
 def _upstream(src, node):
