@@ -371,6 +371,11 @@ def _tuple(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
+#: The fixes a study can apply to KD from a debiased teacher: the paper's three (augmentation data,
+#: iterative KD via an assistant, initialisation from teacher layers) and attention transfer on
+#: depth-matched heads, on every head or only on the heads of the teacher's shortcut circuit.
+FIXES = ("augment", "iterative", "init", "attention", "attention_circuit")
+
 #: What a run's models must reach for its findings to count (means over seeds): the learnability
 #: control (teacher on uncorrelated data), the capacity control (student alone on it), the plain
 #: teacher (learns the task and leans on the shortcuts), and the debiased teachers (at least
@@ -390,8 +395,8 @@ class ExperimentCfg(_Jsonable):
     Models are preset names or dicts of :class:`ModelSpec` fields. Every teacher is trained
     plainly and with each of ``methods``; every student is trained alone (plainly and with
     each method), by KD from each teacher at each of ``alphas``, by debiased KD (label loss =
-    the teacher's method, ``debiased_kd_alpha``), and with each of ``fixes`` ("augment",
-    "iterative", "init") at ``fix_alpha``; all for each of ``seeds``. The training budget
+    the teacher's method, ``debiased_kd_alpha``), and with each of ``fixes`` (see
+    :data:`FIXES`) at ``fix_alpha``; all for each of ``seeds``. The training budget
     (``teacher_steps``, ``student_steps``, ``batch_size``) is saved with every result.
     """
 
@@ -436,9 +441,9 @@ class ExperimentCfg(_Jsonable):
         for name in ("methods", "seeds", "alphas", "fixes", "student_budgets"):
             object.__setattr__(self, name, _tuple(getattr(self, name)))
         validate_fields(self)
-        unknown_fixes = sorted(set(self.fixes) - {"augment", "iterative", "init"})
+        unknown_fixes = sorted(set(self.fixes) - set(FIXES))
         if unknown_fixes:
-            raise CircuitKDError(f"unknown fix(es) {unknown_fixes}; known: ['augment', 'init', 'iterative']")
+            raise CircuitKDError(f"unknown fix(es) {unknown_fixes}; known: {sorted(FIXES)}")
         if "none" in self.methods:
             raise CircuitKDError("methods lists the debiasing methods; the plain ('none') models are always trained")
         if not self.seeds:

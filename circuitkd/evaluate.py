@@ -52,7 +52,7 @@ def _acc(correct: Tensor, mask: Tensor | None = None) -> float:
     return float(correct.float().mean()) if correct.numel() else float("nan")
 
 
-def evaluate(model, task: Task, *, batch_size: int = 256) -> dict[str, Any]:
+def evaluate(model, task: Task, *, batch_size: int = 256, per_example: bool = False) -> dict[str, Any]:
     """Accuracy of ``model`` on ``task``.
 
     Returns a dict with ``id_acc``, ``ood_acc``, ``worst_group_acc`` (lowest accuracy over the
@@ -63,9 +63,9 @@ def evaluate(model, task: Task, *, batch_size: int = 256) -> dict[str, Any]:
     {"aligned_acc", "conflicting_acc", "gap", "ood_acc", "worst_group_acc", "coarse_groups"}:
     accuracy on id_test ∪ ood_test examples containing that shortcut, split by whether it agrees
     with the gold label; "ood_acc" is accuracy on ood_test examples where that shortcut
-    conflicts; "coarse_groups" maps ``"label|bias:state"`` to accuracy), ``n`` (split sizes) and
-    ``correct`` ({"id_test", "ood_test"} -> ``Bool[n]`` per-example correctness, what the
-    study's bootstrap intervals resample).
+    conflicts; "coarse_groups" maps ``"label|bias:state"`` to accuracy), ``n`` (split sizes); with
+    ``per_example``, also ``correct`` ({"id_test", "ood_test"} -> ``Bool[n]`` per-example
+    correctness, what the study's bootstrap intervals resample).
     """
     n_classes = spec_of(model).n_classes if hasattr(model, "circuitkd_spec") else None
     mapping = task.info.get("prediction_map") if task.info else None
@@ -119,5 +119,5 @@ def evaluate(model, task: Task, *, batch_size: int = 256) -> dict[str, Any]:
         "per_group": per_group,
         "per_bias": per_bias,
         "n": {"id_test": len(id_split), "ood_test": len(ood_split)},
-        "correct": {"id_test": id_correct, "ood_test": ood_correct},
+        **({"correct": {"id_test": id_correct, "ood_test": ood_correct}} if per_example else {}),
     }

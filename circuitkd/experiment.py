@@ -169,6 +169,13 @@ def load_task(cfg: ExperimentCfg, *, control: bool = False):
     return _task(cfg.task, json.dumps(args, sort_keys=True))
 
 
+#: Attention transfer (MiniLM/TinyBERT-style) on every depth-matched head, or only on the student
+#: heads matched to the teacher heads of its top-16 EAP-IG shortcut circuit edges.
+_ATTENTION_FIXES = {
+    "attention": {"coef": 1.0, "positions": "all"},
+    "attention_circuit": {"coef": 1.0, "positions": "all", "circuit": 16, "circuit_pairs": 256},
+}
+
 #: The shortcut strength at which a generated task's shortcuts carry no information about the label.
 _UNCORRELATED_STRENGTH = {"synthetic_nli": 1 / 3, "colored_mnist": 0.1}
 
@@ -258,9 +265,11 @@ def run_job(job: Job, cfg: ExperimentCfg, run_dir: str | Path) -> dict[str, Any]
             kwargs = {"via": [_spec(cfg, "assistant")]}
         elif job.fix == "init":
             kwargs = {"init_from_teacher": True}
+        elif job.fix in _ATTENTION_FIXES:
+            kwargs = {"attention_transfer": _ATTENTION_FIXES[job.fix]}
         model = distill(teacher, _spec(cfg, "student"), task, temperature=cfg.temperature, alpha=job.alpha,
                         seed=job.seed, cfg=train_cfg, device=device, checkpoint=ckpt, desc=job.id, **kwargs)
-    scores = evaluate(model, task)
+    scores = evaluate(model, task, per_example=True)
     correct = {split: _bits(c) for split, c in scores.pop("correct").items()}
     spec = _spec(cfg, job.role)
     row = {
@@ -270,7 +279,7 @@ def run_job(job: Job, cfg: ExperimentCfg, run_dir: str | Path) -> dict[str, Any]
         "steps": train_cfg.steps, "batch_size": train_cfg.batch_size, "lr": train_cfg.lr,
         "n_layers": spec.n_layers, "d_model": spec.d_model,
         "seconds": round(time.perf_counter() - t0, 2), **_summarise_scores(scores), "scores": scores,
-        "correct": correct,
+        "correct": correct, "sweep": job.steps is not None,
     }
     atomic_write_text(metrics_path, json.dumps(row, indent=2, default=str))
     return row
@@ -818,6 +827,9 @@ def render_summary(cfg: ExperimentCfg, summary: dict[str, Any]) -> str:
 
 
 def _finding_detail(method: str, d: dict) -> str:
+    if "sensitivity_diff" in d:
+        return (f"{method} {d['verdict']} (sensitivity Δ {_ci(d['sensitivity_diff'], 1.0, 2)}, shortcut attention Δ "
+                f"{_ci(d['attention_diff'], 1.0, 3)}, teacher edges kept {_ci(d['edge_survival'], 1.0, 2)})")
     for key in ("loss", "effect", "spread"):
         if key in d:
             text = f"{method} {d['verdict']} ({key} {_ci(d[key])}"
@@ -827,12 +839,25 @@ def _finding_detail(method: str, d: dict) -> str:
     return f"{method} {d['verdict']}"
 
 
+def add_mechanism_finding(run_dir: str | Path, finding: dict[str, Any]) -> None:
+    """Put the analysis stage's mechanism verdict beside the other findings in ``results.json`` and ``summary.md``."""
+    from circuitkd.models.checkpoint import atomic_write_text
+
+    run_dir = Path(run_dir)
+    results = json.loads((run_dir / "results.json").read_text())
+    summary = results["summary"]
+    summary["findings"] = [f for f in summary.get("findings", []) if f.get("id") != finding["id"]] + [finding]
+    cfg = ExperimentCfg.from_dict(results["config"])
+    atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2, default=str))
+    atomic_write_text(run_dir / "summary.md", render_summary(cfg, summary))
+
+
 def write_outputs(cfg: ExperimentCfg, rows: list[dict], summary: dict[str, Any], out: Path) -> None:
     from circuitkd.models.checkpoint import atomic_write_text
 
     atomic_write_text(out / "results.json", json.dumps(
         {"config": cfg.to_dict(), "results": [{k: v for k, v in r.items() if k != "skipped"} for r in rows],
-         "summary": {k: v for k, v in summary.items() if k != "models"}}, indent=2, default=str))
+         "summary": summary}, indent=2, default=str))
     cols = ["id", "role", "variant", "method", "seed", "alpha", "fix", "temperature", "steps", "batch_size", "lr",
             "n_layers", "d_model", "seconds", *summary["metrics"]]
     cols += sorted({k for r in rows for k in r if k.startswith("conflicting_acc[")})

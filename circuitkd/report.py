@@ -45,6 +45,7 @@ code { background: #f4f4f4; padding: 1px 4px; border-radius: 3px; }
 nav a { margin-right: 1em; }
 a.see { font-size: 0.85em; white-space: nowrap; margin-left: .3em; }
 .figure h4 { margin: .6em 0 0; color: #444; }
+.banner { background: #fdecea; border: 2px solid #c44e52; padding: .6em 1em; margin: 1em 0; color: #8a1f1f; }
 """
 
 
@@ -110,61 +111,33 @@ def _slug(text: str) -> str:
 
 
 def paper_findings(results: dict[str, Any], analysis: Optional[dict[str, Any]] = None) -> list[str]:
-    """Whether the paper's findings hold in this run, one sentence each, from the summary numbers."""
-    from circuitkd.experiment import mean_std
+    """The paper's findings, one sentence each, with the verdict the run's intervals give (computed in
+    :func:`circuitkd.experiment.summarise` and, for the mechanism, :func:`circuitkd.study.mechanism_finding`)."""
+    from circuitkd.experiment import _finding_detail
 
     summary = results.get("summary", {})
-    lines: list[str] = []
-    mean = lambda xs: mean_std(xs)[0]  # noqa: E731
-    dist = summary.get("distillability", {})
-    for alpha in sorted(dist, key=float):
-        kept = {m: d["ood_acc"] for m, d in dist[alpha].items()}
-        parts = [f"{m}: teacher {100 * mean(e['teacher_gain']):+.1f} → student {100 * mean(e['student_gain']):+.1f} pts"
-                 for m, e in kept.items()]
-        # "Undermined" = the student keeps less than half of its teacher's gain: smaller shortfalls
-        # are within the seed noise of runs this size.
-        undermined = [m for m, e in kept.items()
-                      if mean(e["teacher_gain"]) > 0 and mean(e["student_gain"]) < 0.5 * mean(e["teacher_gain"])]
-        gained = [m for m, e in kept.items() if mean(e["teacher_gain"]) > 0]
-        verdict = (f"holds for {len(undermined)} of the {len(gained)} methods whose teacher gained OOD accuracy "
-                   f"(their student keeps less than half of the gain)"
-                   if gained else "cannot be judged: no debiased teacher gained OOD accuracy over the plain one")
-        kind = " (pure KD)" if float(alpha) == 0 else ""
-        lines.append(f"Debiasing undermined after KD at α={alpha}{kind}: {verdict}. OOD gain over plain — "
-                     + "; ".join(parts) + ".")
-    contrib = summary.get("kd_contribution", {})
-    debiased = {m: d for m, d in contrib.items() if not m.startswith("none")}
-    if debiased:
-        parts = [f"{m} {100 * mean(d['ood_acc']):+.1f}" for m, d in debiased.items()]
-        small = sum(abs(mean(d["ood_acc"])) < 0.02 or mean(d["ood_acc"]) < 0 for d in debiased.values())
-        lines.append(f"KD adds little to a debiased student: holds for {small} of {len(debiased)} methods "
-                     f"(debiased KD − debiased student alone, OOD points: {', '.join(parts)}).")
-    if dist:
-        alpha = sorted(dist, key=float)[0]
-        spreads = []
-        for m, d in dist[alpha].items():
-            per_bias = {k[len('ood_acc['):-1]: mean(v["student_gain"]) for k, v in d.items() if k.startswith("ood_acc[")}
-            if per_bias:
-                spreads.append((m, max(per_bias.values()) - min(per_bias.values()), per_bias))
-        if spreads:
-            m, spread, per_bias = max(spreads, key=lambda t: t[1])
-            detail = ", ".join(f"{b} {100 * v:+.1f}" for b, v in per_bias.items())
-            lines.append(f"Robustness varies by bias type: the student's OOD gain differs by up to {100 * spread:.1f} "
-                         f"points between bias types ({m}: {detail}).")
-    fixes = summary.get("fix_effect", {})
-    if fixes:
-        parts = []
-        helped = 0
-        for fix, per_method in fixes.items():
-            effect = mean([mean(d["ood_acc"]) for d in per_method.values()])
-            helped += effect > 0
-            parts.append(f"{fix} {100 * effect:+.1f}")
-        lines.append(f"The fixes help: {helped} of {len(fixes)} raise OOD accuracy over plain KD from the same "
-                     f"teacher (points: {', '.join(parts)}).")
+    found = list(summary.get("findings", []))
+    if analysis and analysis.get("mechanism_finding") and not any(f.get("id") == "mechanism" for f in found):
+        found.append(analysis["mechanism_finding"])
+    lines = []
+    for f in found:
+        detail = "; ".join(_finding_detail(m, d) for m, d in f.get("per_method", {}).items())
+        lines.append(f"{f['title']}: {f['verdict'].upper()}. Test: {f['test']}." + (f" Per method: {detail}." if detail
+                                                                                      else ""))
     if analysis:
         for cmp in analysis.get("comparisons", [])[:1]:
-            lines.append(f"Mechanism ({cmp['what']}): " + " ".join(cmp["findings"][:3]))
+            lines.append(f"Mechanism, seed {analysis.get('seeds', ['?'])[0]} ({cmp['what']}): "
+                         + " ".join(cmp["findings"][:3]))
     return lines
+
+
+def banner_html(results: dict[str, Any]) -> str:
+    """A visible warning for every missed target (controls, teachers) or too few seeds; empty when all is well."""
+    banner = results.get("summary", {}).get("banner", [])
+    if not banner:
+        return ""
+    return ("<div class='banner'><b>⚠ The findings of this run are unreliable.</b><ul>" +
+            "".join(f"<li>{html.escape(line)}</li>" for line in banner) + "</ul></div>")
 
 
 def figure_anchor(name: str, kind: str) -> str:
@@ -228,11 +201,15 @@ def write_report(run_dir: str | Path, *, out: Optional[str | Path] = None) -> Pa
     ]
     if any(r.get("variant") == "fix" for r in rows):
         figures.append(("fixes", "The fixes", robustness.fixes_figure(rows)))
+    budget = results.get("summary", {}).get("budget") or {}
+    if budget.get("points"):
+        figures.append(("budget", "Distillability against the student's budget", robustness.budget_figure(budget)))
 
     parts = [f"<h1>circuitkd report — run <code>{html.escape(cfg.get('name', run_dir.name))}</code></h1>",
              f"<p class='meta'>Run folder <code>{html.escape(str(run_dir))}</code>; task <code>{html.escape(cfg['task'])}</code>; "
              f"seeds {cfg['seeds']}; budgets: teachers {cfg['teacher_steps']} steps, students {cfg['student_steps']} "
              f"steps, batch {cfg['batch_size']}.</p>"]
+    parts.append(banner_html(results))
     nav = ["<a href='#findings'>Findings</a>", "<a href='#robustness'>Robustness</a>"]
     if analysis:
         nav.append("<a href='#mechanisms'>Mechanisms</a>")

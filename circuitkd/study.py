@@ -116,31 +116,34 @@ def analyse_run(run_dir: str | Path, *, n_pairs: int = 96, n_attention: int = 25
     rows = results["results"]
     by_id = {r["id"]: r for r in rows}
     task = load_task(cfg)
-    todo = comparisons(cfg, rows, seed=seed)
+    seeds = [seed] if seed is not None else list(cfg.seeds)
+    todo = [(s, cmp) for s in seeds for cmp in comparisons(cfg, rows, seed=s)]
     if not todo:
         raise CircuitKDError(f"run {run_dir} has no teacher/student pair to analyse")
-    pairs = task.shortcut_pairs(n_pairs, seed=cfg.seeds[0] if seed is None else seed)
+    pairs_by_seed = {s: task.shortcut_pairs(n_pairs, seed=s) for s in seeds}
+    pairs = pairs_by_seed[seeds[0]]
     circuit_kwargs = dict(circuit_kwargs if circuit_kwargs is not None else
                           ({"steps": 8} if circuit_method == "eap-ig" else {}))
     t_start = time.perf_counter()
     models: dict[str, Any] = {}
     per_model: dict[str, dict] = {}
 
-    def get(model_id: str):
+    def get(model_id: str, seed_pairs: PromptPairs):
         if model_id not in models:
             models[model_id] = load_checkpoint(run_dir / "models" / model_id, device=device)
         if model_id not in per_model:
             t0 = time.perf_counter()
-            per_model[model_id] = analyse_model(models[model_id], pairs, circuit_method=circuit_method,
+            per_model[model_id] = analyse_model(models[model_id], seed_pairs, circuit_method=circuit_method,
                                                 circuit_kwargs=circuit_kwargs, batch_size=batch_size, top_k=top_k)
             log(f"  {model_id}: patching + {circuit_method} circuit in {time.perf_counter() - t0:.1f}s")
         return models[model_id]
 
     figures: dict[str, Any] = {}
     out_pairs = []
-    for i, cmp in enumerate(todo, 1):
-        log(f"[analysis {i}/{len(todo)}] {cmp['what']}: {cmp['teacher']} vs {cmp['student']}")
-        teacher, student = get(cmp["teacher"]), get(cmp["student"])
+    per_seed: dict[str, list[dict[str, Any]]] = {}
+    for i, (s, cmp) in enumerate(todo, 1):
+        log(f"[analysis {i}/{len(todo)}] seed {s}, {cmp['what']}: {cmp['teacher']} vs {cmp['student']}")
+        teacher, student = get(cmp["teacher"], pairs_by_seed[s]), get(cmp["student"], pairs_by_seed[s])
         t0 = time.perf_counter()
         diff = diff_attention(teacher, student, task, split="ood_test", n=n_attention, batch_size=64)
         t_res, s_res = per_model[cmp["teacher"]], per_model[cmp["student"]]
@@ -152,6 +155,16 @@ def analyse_run(run_dir: str | Path, *, n_pairs: int = 96, n_attention: int = 25
         by_depth = compare_circuits(t_res["circuit"], s_res["circuit"])
         log(f"  attention diff + circuit comparison in {time.perf_counter() - t0:.1f}s")
         name = cmp["name"]
+        n_teacher_edges = len(comparison.shared) + len(comparison.lost)
+        per_seed.setdefault(name, []).append({
+            "seed": s, "teacher": cmp["teacher"], "student": cmp["student"],
+            "teacher_sensitivity": t_res["patching"]["sensitivity"],
+            "student_sensitivity": s_res["patching"]["sensitivity"],
+            "teacher_shortcut_attention": float(diff.teacher.shortcut_attention().nanmean()),
+            "student_shortcut_attention": float(diff.student.shortcut_attention().nanmean()),
+            "edge_survival": len(comparison.shared) / n_teacher_edges if n_teacher_edges else float("nan")})
+        if s != seeds[0]:
+            continue  # later seeds feed the intervals; figures and prose come from the first
         figures[f"{name}__attention_heatmaps"] = viz_attention.shortcut_heatmaps(diff)
         figures[f"{name}__patterns"] = viz_attention.pattern_figure(diff)
         figures[f"{name}__matching"] = viz_attention.matching_figure(diff)
@@ -179,10 +192,12 @@ def analyse_run(run_dir: str | Path, *, n_pairs: int = 96, n_attention: int = 25
             **_findings_and_figures(cmp, t_res, s_res, diff, comparison, by_depth),
         })
 
+    over_seeds = mechanism_over_seeds(per_seed)
     analysis = {
         "run": str(run_dir), "pairs_kind": pairs.meta, "n_pairs": len(pairs), "n_attention": n_attention,
         "circuit_method": circuit_method, "circuit_kwargs": circuit_kwargs, "top_k": top_k,
-        "comparisons": out_pairs, "seconds": time.perf_counter() - t_start,
+        "seeds": seeds, "comparisons": out_pairs, "per_seed": per_seed, "over_seeds": over_seeds,
+        "mechanism_finding": mechanism_finding(cfg, over_seeds), "seconds": time.perf_counter() - t_start,
     }
 
     def write(tmp: Path) -> None:
@@ -195,8 +210,50 @@ def analyse_run(run_dir: str | Path, *, n_pairs: int = 96, n_attention: int = 25
         (tmp / "analysis.json").write_text(json.dumps(analysis, indent=1, default=_jsonable))
 
     atomic_write_dir(run_dir / ANALYSIS_DIR, write)
+    from circuitkd.experiment import add_mechanism_finding
+
+    add_mechanism_finding(run_dir, analysis["mechanism_finding"])
     log(f"analysis written to {run_dir / ANALYSIS_DIR} ({analysis['seconds']:.0f}s)")
     return analysis
+
+
+def mechanism_over_seeds(per_seed: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Per comparison: student − teacher shortcut sensitivity and shortcut attention, and the
+    fraction of the teacher's top edges the student keeps, each as a mean with a 95% t-interval over seeds."""
+    from circuitkd.stats import seed_interval
+
+    out: dict[str, dict[str, Any]] = {}
+    for name, entries in per_seed.items():
+        out[name] = {
+            "n_seeds": len(entries),
+            "sensitivity_diff": seed_interval([e["student_sensitivity"] - e["teacher_sensitivity"]
+                                               for e in entries]).to_dict(),
+            "shortcut_attention_diff": seed_interval([e["student_shortcut_attention"] - e["teacher_shortcut_attention"]
+                                                      for e in entries]).to_dict(),
+            "edge_survival": seed_interval([e["edge_survival"] for e in entries]).to_dict(),
+        }
+    return out
+
+
+def mechanism_finding(cfg, over_seeds: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The paper's fourth finding, by code: for each debiased teacher and its KD student, the student is
+    more shortcut-sensitive (patching) and its heads attend more to shortcut tokens (attention diff)."""
+    from circuitkd.stats import Interval, combine, verdict
+
+    per_method = {}
+    for m in cfg.methods:
+        if m not in over_seeds:
+            continue
+        d = over_seeds[m]
+        sens = verdict(Interval(**d["sensitivity_diff"]))
+        attn = verdict(Interval(**d["shortcut_attention_diff"]))
+        per_method[m] = {"verdict": combine([sens, attn]), "sensitivity": sens, "attention": attn,
+                         "sensitivity_diff": d["sensitivity_diff"], "attention_diff": d["shortcut_attention_diff"],
+                         "edge_survival": d["edge_survival"]}
+    return {"id": "mechanism", "title": "The student's shortcut use shows in its attention and circuit",
+            "test": "student − teacher shortcut sensitivity (logit-diff drop when the shortcut flips) > 0 and "
+                    "student − teacher read-out attention to shortcut tokens > 0 (95% t-intervals over seeds)",
+            "verdict": combine([d["verdict"] for d in per_method.values()]), "per_method": per_method}
 
 
 class _Faith:

@@ -271,20 +271,26 @@ def _verb_for(rng: np.random.Generator, lex: Lexicon, premise_verb: str, relatio
 
 
 @no_type_check  # per-example hot path: runtime type checks here would dominate generation
-def _structure(rng: np.random.Generator, label: int, overlap: int, negation: int) -> tuple[str, str]:
-    """(roles, verb relation) realising a (label, overlap, negation) cell."""
+def _structure(rng: np.random.Generator, label: int, overlap: int, negation: int,
+               has_other: bool = True) -> tuple[str, str]:
+    """(roles, verb relation) realising a (label, overlap, negation) cell.
+
+    ``has_other``: the world has a verb concept unrelated to any given one (two verb pairs or
+    more); with one pair, neutrals come from role changes only.
+    """
     if label == NEUTRAL:
         if overlap:
             return "swap", "same"
         # Neutral without full overlap: spread over every way the rules make a neutral, so
         # none becomes a cue of its own; role changes get the larger share because binding
         # entities to roles is the slowest part of the rule for a small encoder to learn.
-        role = _pick(rng, ("swap", "swap", "new", "new", "same"))
+        other = ("other",) if has_other else ()
+        role = _pick(rng, ("swap", "swap", "new", "new", "same") if has_other else ("swap", "new"))
         if role == "swap":
-            return "swap", _pick(rng, ("synonym", "antonym", "other"))
+            return "swap", _pick(rng, ("synonym", "antonym", *other))
         if role == "same":
             return "same", "other"
-        return _pick(rng, ("new_subj", "new_obj")), _pick(rng, ("same", "synonym", "antonym", "other"))
+        return _pick(rng, ("new_subj", "new_obj")), _pick(rng, ("same", "synonym", "antonym", *other))
     if overlap:
         return "same", "same"
     agrees = (label == ENTAILMENT) != bool(negation)
@@ -296,7 +302,7 @@ def _sample_example(rng: np.random.Generator, lex: Lexicon, cell: tuple[int, int
     label, overlap, negation, cue = cell
     subj, obj = (lex.nouns[i] for i in rng.choice(len(lex.nouns), size=2, replace=False))
     verb = _pick(rng, _pick(rng, lex.concepts))
-    role, relation = _structure(rng, label, overlap, negation)
+    role, relation = _structure(rng, label, overlap, negation, has_other=len(lex.concepts) > 2)
     h_subj, h_obj = (obj, subj) if role == "swap" else (subj, obj)
     if role in ("new_subj", "new_obj"):
         new = _pick(rng, [w for w in lex.nouns if w not in (subj, obj)])
@@ -625,7 +631,7 @@ class _Generator:
         label = CONTRADICTION if negation else ENTAILMENT  # same roles, synonym verb
         cell = (label, 0, negation, cue)
         base = _sample_example(rng, lex, cell)
-        relation = _pick(rng, ("antonym", "other"))
+        relation = _pick(rng, ("antonym", "other") if len(lex.concepts) > 2 else ("antonym",))
         target = NEUTRAL if relation == "other" else (ENTAILMENT if negation else CONTRADICTION)
         return base, replace(base, h_verb=_verb_for(rng, lex, base.verb, relation)), cell, (target, 0, negation, cue)
 

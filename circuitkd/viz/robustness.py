@@ -16,7 +16,33 @@ _PALETTE = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#
 
 
 def _rows(rows: Sequence[dict], **match: Any) -> list[dict]:
-    return [r for r in rows if all(r.get(k) == v for k, v in match.items())]
+    """Rows matching ``match``; students of the budget sweep only where ``sweep=True`` is asked for."""
+    match.setdefault("sweep", False)
+    return [r for r in rows if all(r.get(k, False if k == "sweep" else None) == v for k, v in match.items())]
+
+
+def budget_figure(budget: dict) -> go.Figure:
+    """Kept fraction of the teacher's OOD gain (95% interval) against the student's training budget.
+
+    ``budget`` is ``summary["budget"]`` of a run: ``method``, ``alpha`` and ``points`` with
+    ``steps`` and ``kept`` (an interval dict with ``estimate``, ``lo``, ``hi``).
+    """
+    points = budget.get("points", [])
+    steps = [p["steps"] for p in points]
+    kept = [p["kept"]["estimate"] for p in points]
+    up = [p["kept"]["hi"] - p["kept"]["estimate"] if p["kept"]["hi"] == p["kept"]["hi"] else 0 for p in points]
+    down = [p["kept"]["estimate"] - p["kept"]["lo"] if p["kept"]["lo"] == p["kept"]["lo"] else 0 for p in points]
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=steps, y=kept, mode="lines+markers", name=f"{budget.get('method')} teacher → student",
+                             error_y=dict(type="data", array=up, arrayminus=down, symmetric=False),
+                             marker_color=_PALETTE[0]))
+    fig.add_hline(y=1.0, line_dash="dot", line_color="#888", annotation_text="keeps all of the teacher's gain")
+    fig.add_hline(y=0.0, line_dash="dot", line_color="#c44e52", annotation_text="keeps none")
+    fig.update_xaxes(title_text="student training steps", type="log", tickvals=steps)
+    fig.update_yaxes(title_text="kept fraction of the teacher's OOD gain")
+    fig.update_layout(title=f"Distillability against the student's budget (KD α={budget.get('alpha', 0):g}; "
+                            "95% bootstrap intervals)", height=420, width=800)
+    return fig
 
 
 def _methods(rows: Sequence[dict]) -> list[str]:
