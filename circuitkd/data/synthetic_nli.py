@@ -33,6 +33,17 @@ form other than the intended shortcuts predicts the label. A bias type left out 
 ``biases`` still occurs, at the same rate but uncorrelated with the label, so surface
 statistics do not change when a shortcut is switched off.
 
+The shipped world (``resources/synthetic_nli_lexicon.json``) is kept small on purpose, so
+that the models of the default study learn the rule rather than only the shortcuts: one
+premise template with every word at a fixed position (``the {subj} {verb} the {obj}``; 15
+tokens with the hypothesis), sixteen entities and one verb pair (two synonymous verbs per
+concept, the two concepts antonyms). Measured on this stack with no shortcut correlated with
+the label (batch 256, lr 6e-3): a 2-layer d=64 encoder reaches 0.99 ID/OOD in 250 steps with
+one verb pair, needs about 1,000 with two, and was still at 0.59 after 1,000 steps with three;
+premise templates that move the entities around slow it further. Custom lexicons with more
+verb pairs and templates work unchanged (a world with one pair simply has no "unrelated
+verb" neutrals).
+
 Splits: ``train`` and ``id_test`` follow the biased distribution; ``ood_test`` holds only
 examples where at least one active shortcut is present and disagrees with the label
 (labels balanced over the labels that admit such an example), weighted so that a
