@@ -48,6 +48,9 @@ def resolve_spec(spec: ModelSpec, task: Any = None) -> ModelSpec:
                 raise CircuitKDError(f"backbone 'vit' cannot read the text task {task.name!r}")
             if spec.d_vocab is None and task.vocab_size is not None:
                 changes["d_vocab"] = task.vocab_size
+            elif spec.d_vocab is not None and task.vocab_size is not None and spec.d_vocab < task.vocab_size:
+                raise CircuitKDError(f"spec d_vocab={spec.d_vocab} is below task {task.name!r}'s vocabulary of "
+                                     f"{task.vocab_size} token ids; leave d_vocab unset to take it from the task")
             if spec.n_ctx is None:
                 changes["n_ctx"] = max(task.seq_len, 8)
             elif spec.n_ctx < task.seq_len:

@@ -167,6 +167,22 @@ def _augmented_split(task: Task, augment: Any, seed: int) -> tuple[Split, int]:
     return task.train.concat(extra), len(extra)
 
 
+def _check_teacher_fits(teacher, task: Task) -> None:
+    """Refuse a teacher that cannot read the task's inputs (before anything is trained)."""
+    t_spec = spec_of(teacher)
+    reads_images = t_spec.backbone == "vit"
+    if reads_images != (task.modality == "image"):
+        raise CircuitKDError(
+            f"cannot distil a {t_spec.backbone!r} teacher (it reads {'images' if reads_images else 'text'}) on the "
+            f"{task.modality} task {task.name!r}: train the teacher on this task first")
+    vocab = getattr(task, "vocab_size", None)
+    if not reads_images and vocab is not None and t_spec.d_vocab is not None and t_spec.d_vocab < vocab:
+        raise CircuitKDError(f"teacher has d_vocab={t_spec.d_vocab} but task {task.name!r} uses {vocab} token ids: "
+                             "it was trained on another vocabulary")
+    if t_spec.n_classes is not None and t_spec.n_classes != task.n_classes and not (task.info or {}).get("prediction_map"):
+        raise CircuitKDError(f"teacher has {t_spec.n_classes} classes but task {task.name!r} has {task.n_classes} labels")
+
+
 def _as_spec(spec: ModelSpec | str) -> ModelSpec:
     return ModelSpec.preset(spec) if isinstance(spec, str) else spec
 
@@ -201,6 +217,7 @@ def distill(teacher, student_spec: ModelSpec | str, task: Task, *, temperature: 
         debias_options: keyword arguments for the debiasing objective (see ``make_objective``).
     """
     cfg = (cfg or TrainCfg()).replace(seed=seed)
+    _check_teacher_fits(teacher, task)
     device = torch.device(device) if device is not None else model_device(teacher)
     specs = [_as_spec(s) for s in via] + [_as_spec(student_spec)]
     split, n_aug = _augmented_split(task, augment, seed)
@@ -222,7 +239,7 @@ def distill(teacher, student_spec: ModelSpec | str, task: Task, *, temperature: 
         if final is not None:
             ckpt = final if last else final.parent / f"{final.name}.via{stage}"
         if ckpt is not None and is_checkpoint(ckpt):
-            current = load_checkpoint(ckpt, device=device)
+            current = load_checkpoint(ckpt, device=device, expect=None if spec.pretrained else spec)
             continue
         current = _distill_stage(
             current, spec, task, split, temperature=temperature, alpha=alpha, debias=debias,

@@ -52,7 +52,8 @@ def train_model(spec: ModelSpec, task: Task, *, debias: str = "none", seed: int 
     """
     cfg = (cfg or TrainCfg()).replace(seed=seed)
     if checkpoint is not None and is_checkpoint(checkpoint):
-        return load_checkpoint(checkpoint, device=device)
+        # A folder holding another architecture is an error, not a silently returned model.
+        return load_checkpoint(checkpoint, device=device, expect=None if spec.pretrained else spec)
     model = build_model(spec.replace(seed=seed), task, device=device)
     loss_fn, extra = objective(debias, task, model, cfg=cfg, seed=seed, **(debias_options or {}))
     resume = partial_dir(checkpoint) if checkpoint is not None else None
