@@ -252,16 +252,10 @@ def pattern_from_qk(
 
     Matches what HF BERT/ViT attention computes internally (they expose no pattern hook).
     """
+    from circuitkd.native import blocked_mask, masked_softmax
+
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / attn_scale(model)
-    pos = q.shape[1]
-    blocked = torch.zeros(pos, pos, dtype=torch.bool, device=q.device)
-    if is_causal(model):
-        blocked = torch.triu(torch.ones(pos, pos, dtype=torch.bool, device=q.device), diagonal=1)
-    blocked = blocked[None, None]
-    if attention_mask is not None:
-        blocked = blocked | ~attention_mask.bool()[:, None, None, :]
-    scores = scores.masked_fill(blocked, float("-inf"))
-    return torch.softmax(scores, dim=-1).masked_fill(blocked, 0.0)
+    return masked_softmax(scores, blocked_mask(attention_mask, q.shape[1], is_causal(model), q.device))
 
 
 # ---------------------------------------------------------------------------- scoped hooks

@@ -65,12 +65,17 @@ def attend(q: Float[Tensor, "... dest_pos head d_head"], k: Float[Tensor, "... s
            v: Float[Tensor, "... src_pos head d_head"], blocked: Tensor, scale: float
            ) -> tuple[Float[Tensor, "... dest_pos head d_head"], Float[Tensor, "... head dest_pos src_pos"]]:
     """Softmax attention: ``(z, pattern)``. Rows with nothing to attend to get a zero pattern, as TL's."""
-    scores = torch.einsum("...qhd,...khd->...hqk", q, k) / scale
-    scores = scores.masked_fill(blocked, float("-inf"))
-    pattern = torch.softmax(scores, dim=-1)
+    pattern = masked_softmax(torch.einsum("...qhd,...khd->...hqk", q, k) / scale, blocked)
+    return torch.einsum("...hqk,...khd->...qhd", pattern, v), pattern
+
+
+def masked_softmax(scores: Float[Tensor, "... dest_pos src_pos"], blocked: Tensor) -> Float[Tensor, "... dest_pos src_pos"]:
+    """The attention pattern from scaled scores: blocked keys get no weight, and a row with every key
+    blocked (an all-padding input) is all zeros rather than NaN, as TransformerLens's attention."""
+    pattern = torch.softmax(scores.masked_fill(blocked, float("-inf")), dim=-1)
     if bool(blocked.all(-1).any()):
         pattern = pattern.masked_fill(blocked, 0.0)
-    return torch.einsum("...hqk,...khd->...qhd", pattern, v), pattern
+    return pattern
 
 
 def _orig(module):

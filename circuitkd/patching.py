@@ -50,7 +50,6 @@ source head's output ``z_src @ W_O_src`` replaces the target head's ``z @ W_O``.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -59,6 +58,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
+from circuitkd import native
 from circuitkd.engine import forward, iter_batches, model_device
 from circuitkd.errors import CircuitKDError
 from circuitkd.hooks import (
@@ -264,27 +264,9 @@ def _check_cross(target, source, layer_map: Optional[Sequence[int]]) -> list[int
 # ---------------------------------------------------------------------------- native fast executor
 
 
-_ACTS = {
-    "gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu,
-    "silu": F.silu, "swish": F.silu,
-}
-
-
 def fast_path_supported(model) -> bool:
     """Whether the native per-layer executor reproduces this model (LN, learned positions, plain MLP)."""
-    if backbone_of(model) != "native" or type(getattr(model, "original_model", None)).__name__ != "NativeModel":
-        return False
-    cfg = model.cfg
-    return (
-        str(cfg.normalization_type).upper() == "LN"
-        and (cfg.positional_embedding_type or "standard") == "standard"
-        and (cfg.n_key_value_heads in (None, cfg.n_heads))
-        and float(cfg.attn_scores_soft_cap) <= 0
-        and float(cfg.output_logits_soft_cap) <= 0
-        and not cfg.gated_mlp
-        and (cfg.act_fn or "gelu").lower() in _ACTS
-        and not getattr(cfg, "final_rms", False)
-    )
+    return backbone_of(model) == "native" and native.supported(model)
 
 
 class NativeExecutor:
@@ -301,7 +283,7 @@ class NativeExecutor:
         self.L, self.H, self.dh, self.d = int(cfg.n_layers), int(cfg.n_heads), int(cfg.d_head), int(cfg.d_model)
         self.causal = cfg.attention_dir == "causal"
         self.attn_only = bool(cfg.attn_only)
-        self.act = _ACTS[(cfg.act_fn or "gelu").lower()]
+        self.act = native.ACTIVATIONS[(cfg.act_fn or "gelu").lower()]
         orig = lambda m: m.original_component  # noqa: E731
         self.tok = orig(model.embed).weight
         self.pos = orig(model.pos_embed).weight
@@ -321,8 +303,7 @@ class NativeExecutor:
         lnf = orig(model.ln_final)
         self.lnf = (lnf.weight, lnf.bias, lnf.eps)
         self.unembed = orig(model.unembed)
-        self.fully_blocked = True
-        self.scale = float(cfg.attn_scale) if (cfg.use_attn_scale and cfg.attn_scale > 0) else math.sqrt(self.dh)
+        self.scale = native.attn_scale(model)
 
     # -- pieces
     def ln(self, x: Tensor, p) -> Tensor:
@@ -342,26 +323,12 @@ class NativeExecutor:
         return x + F.linear(h, p["fc_out"].weight, p["fc_out"].bias)
 
     def blocked(self, mask: Optional[Tensor], P: int, device) -> Tensor:
-        """``Bool[batch|1, 1, dest, src]``: True where attention is not allowed."""
-        blocked = torch.zeros(P, P, dtype=torch.bool, device=device)
-        if self.causal:
-            blocked = torch.triu(torch.ones(P, P, dtype=torch.bool, device=device), diagonal=1)
-        blocked = blocked[None, None]
-        if mask is not None:
-            blocked = blocked | ~mask.bool()[:, None, None, :]
-        # rows with nothing to attend to softmax to NaN and are zeroed, as the native attention does;
-        # with right padding they only occur for an all-padding input, so the zeroing is usually skipped
-        self.fully_blocked = bool(blocked.all(-1).any())
-        return blocked
+        """``Bool[batch|1, 1, dest, src]``: True where attention is not allowed (:func:`circuitkd.native.blocked_mask`)."""
+        return native.blocked_mask(mask, P, self.causal, device)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, blocked: Tensor) -> tuple[Tensor, Tensor]:
         """q ``[..., dest, head, dh]``, k/v ``[..., src, head, dh]`` -> (z ``[..., dest, head, dh]``, pattern ``[..., head, dest, src]``)."""
-        scores = torch.einsum("...qhd,...khd->...hqk", q, k) / self.scale
-        scores = scores.masked_fill(blocked, float("-inf"))
-        pattern = torch.softmax(scores, dim=-1)
-        if self.fully_blocked:
-            pattern = pattern.masked_fill(blocked, 0.0)
-        return torch.einsum("...hqk,...khd->...qhd", pattern, v), pattern
+        return native.attend(q, k, v, blocked, self.scale)
 
     def out(self, layer: int, z: Tensor) -> Tensor:
         o = self.layers[layer]["o"]

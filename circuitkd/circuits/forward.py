@@ -38,6 +38,7 @@ from circuitkd.circuits.graph import HEAD_PORTS, ComponentGraph
 from circuitkd.engine import forward as engine_forward
 from circuitkd.errors import CircuitKDError
 from circuitkd.hooks import Site
+from circuitkd.native import masked_softmax
 
 
 @dataclass
@@ -426,7 +427,6 @@ class NativeEdgeRunner:
         with torch.no_grad():
             cache = ex.run(inputs, attention_mask, torch.zeros(B, dtype=torch.long, device=inputs.device))
         self.blocked = cache.blocked.view(1, -1, P, P)  # [1, B|1, dest, src]
-        self.fully_blocked = ex.fully_blocked
         self.streams = [t.detach() for t in cache.resid_pre] + [cache.resid_post[-1].detach()]
         d = self.streams[0].shape[-1]
         self.d = d
@@ -512,11 +512,7 @@ class NativeEdgeRunner:
                     qkv[:, idx] = torch.matmul(inp, W[idx]) + b[idx]
                 qkv = qkv.view(K, H, 3, B * P, -1).permute(1, 2, 0, 3, 4).reshape(H, 3, K * B, P, -1)
             q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # [H N P e]
-            scores = torch.matmul(q, k.transpose(-1, -2)) / ex.scale
-            scores = scores.masked_fill(blocked, float("-inf"))
-            pattern = torch.softmax(scores, dim=-1)
-            if self.fully_blocked:
-                pattern = pattern.masked_fill(blocked, 0.0)
+            pattern = masked_softmax(torch.matmul(q, k.transpose(-1, -2)) / ex.scale, blocked)
             z = torch.matmul(pattern, v)  # [H N P e]
             heads = torch.matmul(z.reshape(H, K * B * P, -1), wts["W_O"])  # [H N*P d]
             mid = x + (heads.sum(0) + wts["b_O"]).view(K, B, P, d)
