@@ -1,6 +1,6 @@
 """circuitkd: does a distilled student keep its debiased teacher's robustness, and which circuits explain it?
 
-Public API (see DESIGN.md)::
+Public API (see docs/architecture.md)::
 
     import circuitkd as ckd
     task = ckd.data.synthetic_nli(seed=0)

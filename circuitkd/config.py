@@ -306,7 +306,7 @@ class TrainCfg(_Jsonable):
     """How to train: AdamW with linear warm-up then linear decay, on the model's device.
 
     ``steps`` is the training budget; it is recorded with every result because shortcut
-    reliance depends on it (see DESIGN.md, science notes). Its default is 600, or
+    reliance depends on it (see docs/architecture.md). Its default is 600, or
     ``SMOKE_STEPS`` when the environment sets ``CIRCUITKD_SMOKE=1`` (a smoke run of code
     written against the defaults, such as the README's example in its test).
     """

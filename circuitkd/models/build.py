@@ -1,6 +1,6 @@
 """Build TransformerLens 4 ``TransformerBridge`` models from a :class:`ModelSpec`.
 
-Three backbones (see DESIGN.md): the TL-native bidirectional encoder (class read at the
+Three backbones (see docs/architecture.md): the TL-native bidirectional encoder (class read at the
 CLS position 0), HF ``BertForSequenceClassification`` (from config or pretrained) wrapped
 as a BERT bridge whose unembedding is the classifier, and HF ``ViTForImageClassification``.
 """
