@@ -55,6 +55,16 @@ def _fixes(run_dir: Path, pair: Optional[str] = None):
     return fixes_figure(_results(run_dir))
 
 
+def _budget(run_dir: Path, pair: Optional[str] = None):
+    from circuitkd.viz.robustness import budget_figure
+
+    _results(run_dir)  # a clear error for a folder that holds no run
+    budget = json.loads((run_dir / "results.json").read_text()).get("summary", {}).get("budget") or {}
+    if not budget.get("points"):
+        raise CircuitKDError(f"{run_dir} has no student budget sweep (set student_budgets in its config)")
+    return budget_figure(budget)
+
+
 def _from_analysis(kind: str) -> Callable[..., Any]:
     def build(run_dir: Path, pair: Optional[str] = None):
         return _analysis_figure(run_dir, kind, pair)
@@ -68,6 +78,7 @@ FIGURES: dict[str, Callable[..., Any]] = {
     "robustness": _robustness,
     "per_bias": _per_bias,
     "fixes": _fixes,
+    "budget": _budget,
     "head_patching": _from_analysis("head_patching"),
     "attention_diff": _from_analysis("attention_heatmaps"),
     "attention_patterns": _from_analysis("patterns"),
