@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from circuitkd import ModelSpec, PromptPairs, build_model
 from circuitkd.patching import patch
+from tests.hand_reference import random_pairs
 
 torch.set_num_threads(1)
 
@@ -33,17 +34,8 @@ def models():
 
 
 def _pairs(causal: bool) -> PromptPairs:
-    g = torch.Generator().manual_seed(0)
-    clean = torch.randint(1, V, (N, P), generator=g)
-    corrupt = clean.clone()
-    corrupt[:, 2:5] = torch.randint(1, V, (N, 3), generator=g)
-    mask = torch.ones(N, P, dtype=torch.long)
-    mask[0, P - 2:] = 0
-    mask[1, P - 1:] = 0
     n_out = V if causal else 3
-    answer = torch.randint(0, n_out, (N,), generator=g)
-    return PromptPairs(clean=clean, corrupt=corrupt, clean_answer=answer, corrupt_answer=(answer + 1) % n_out,
-                       attention_mask=mask, position=-1 if causal else 0)
+    return random_pairs(N, P, V, padding={0: 2, 1: 1}, n_out=n_out, position=-1 if causal else 0)
 
 
 def _read(logits, pairs, causal):

@@ -11,8 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from circuitkd import ModelSpec, PromptPairs, build_model
+from circuitkd import ModelSpec, build_model
 from circuitkd.patching import path_patch
+from tests.hand_reference import logit_diff_at_cls, random_pairs
 
 torch.set_num_threads(1)
 
@@ -27,20 +28,10 @@ def model():
 
 
 def _pairs():
-    g = torch.Generator().manual_seed(0)
-    clean = torch.randint(1, V, (N, P), generator=g)
-    corrupt = clean.clone()
-    corrupt[:, 2:5] = torch.randint(1, V, (N, 3), generator=g)
-    mask = torch.ones(N, P, dtype=torch.long)
-    mask[0, P - 2:] = 0
-    answer = torch.randint(0, 3, (N,), generator=g)
-    return PromptPairs(clean=clean, corrupt=corrupt, clean_answer=answer, corrupt_answer=(answer + 1) % 3,
-                       attention_mask=mask, position=0)
+    return random_pairs(N, P, V, padding={0: 2})
 
 
-def _ld(logits, pairs):
-    read = logits[:, 0]
-    return read[torch.arange(N), pairs.clean_answer] - read[torch.arange(N), pairs.corrupt_answer]
+_ld = logit_diff_at_cls
 
 
 def _setup(model, pairs, direction):
