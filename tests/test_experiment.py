@@ -18,7 +18,7 @@ def _threads():
 
 def test_default_config_ships_and_round_trips():
     cfg = default_config()
-    assert cfg.task == "synthetic_nli" and "poe" in cfg.methods and len(cfg.seeds) >= 2
+    assert cfg.task == "synthetic_nli" and "group_dro" in cfg.methods and len(cfg.seeds) >= 3
     assert ExperimentCfg.from_json(cfg.to_json()) == cfg
     quick = load_config(quick=True)
     assert quick.name == "default-quick" and quick.seeds == (0,) and quick.student_steps < cfg.student_steps
@@ -90,19 +90,20 @@ def test_quick_preset_runs_resumes_and_cli(tmp_path, capsys):
         assert (out / name).is_file()
     results = json.loads((out / "results.json").read_text())["results"]
     assert len(results) == len(plan(cfg))
-    assert all(r["steps"] in (cfg.teacher_steps, cfg.student_steps) and 0 <= r["ood_acc"] <= 1 for r in results)
+    assert all(r["steps"] in (cfg.teacher_steps, cfg.student_steps, *cfg.student_budgets) and 0 <= r["ood_acc"] <= 1
+               for r in results)
     md = (out / "summary.md").read_text()
     for heading in ("## Every model", "## Distillability", "## KD contribution", "## Fixes", "Wall time"):
         assert heading in md
     assert summary["wall_seconds"] > 0
 
     # An interrupted run resumes: only the model whose results are missing is trained again.
-    shutil.rmtree(out / "models" / "student-init-poe-s0")
-    (out / "metrics" / "student-init-poe-s0.json").unlink()
+    shutil.rmtree(out / "models" / "student-init-group_dro-s0")
+    (out / "metrics" / "student-init-group_dro-s0.json").unlink()
     logs = []
     run_experiment(cfg, out, log=logs.append)
     trained = [line for line in logs if line.startswith("[") and "cached" not in line]
-    assert len(trained) == 1 and "student-init-poe-s0" in trained[0]
+    assert len(trained) == 1 and "student-init-group_dro-s0" in trained[0]
 
     # The CLI on the same folder: everything cached; a different config is refused.
     assert main(["run", "--quick", "--out", str(out), "--workers", "1", "--device", "cpu"]) == 0

@@ -22,8 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_analysis_covers_every_pair_that_matters(quick_run):
     analysis = json.loads((quick_run / "analysis" / "analysis.json").read_text())
     names = [c["name"] for c in analysis["comparisons"]]
-    assert names[0] == "plain" and "poe" in names
-    assert {"poe+augment", "poe+iterative", "poe+init"} <= set(names)
+    assert names[0] == "plain" and "group_dro" in names
+    assert {f"group_dro+{fix}" for fix in ("augment", "iterative", "init", "attention", "attention_circuit")} <= set(names)
+    assert analysis["mechanism_finding"]["verdict"] == "inconclusive (1 seed)"
+    assert set(analysis["over_seeds"]) == set(names)
     for cmp in analysis["comparisons"]:
         assert cmp["findings"] and cmp["attention_summary"]
         effect = torch.tensor(cmp["student_patching"]["effect"])

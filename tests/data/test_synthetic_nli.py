@@ -59,6 +59,21 @@ def test_labels_and_bias_labels_match_text(task):
                 assert derived[b] == split.bias_labels[b][i], (premise, hypothesis, b)
 
 
+def _two_pair_lexicon():
+    import json
+    import os
+    import tempfile
+
+    from circuitkd.data.synthetic_nli import _DEFAULT_LEXICON, load_lexicon
+
+    raw = json.loads(open(_DEFAULT_LEXICON).read())
+    raw["verb_pairs"] = raw["verb_pairs"] + [[["praised", "applauded"], ["insulted", "mocked"]]]
+    path = os.path.join(tempfile.mkdtemp(), "lexicon.json")
+    with open(path, "w") as f:
+        json.dump(raw, f)
+    return load_lexicon(path)
+
+
 def test_reference_labeller_on_hand_written_pairs():
     p = "the doctor helped the judge"
     assert nli_label(p, "then the doctor also helped the judge") == ENTAILMENT
@@ -67,7 +82,8 @@ def test_reference_labeller_on_hand_written_pairs():
     assert nli_label(p, "then the doctor never helped the judge") == CONTRADICTION
     assert nli_label(p, "then the doctor also neglected the judge") == CONTRADICTION
     assert nli_label(p, "then the judge also helped the doctor") == NEUTRAL
-    assert nli_label(p, "then the doctor also praised the judge") == NEUTRAL
+    # an unrelated verb needs a world with a second verb pair (the shipped one has one)
+    assert nli_label(p, "then the doctor also praised the judge", _two_pair_lexicon()) == NEUTRAL
     assert nli_label(p, "then the pilot also helped the judge") == NEUTRAL
     assert shortcut_labels(p, "perhaps the judge never helped the doctor") == \
         {"overlap": ENTAILMENT, "negation": CONTRADICTION, "cue": NEUTRAL}
@@ -292,7 +308,8 @@ def test_unbiased_task_covers_every_structure():
     # with every shortcut at chance strength each rule of the world must still be exercised
     task = synthetic_nli(seed=0, n_train=3000, n_id=30, n_ood=30, strength=1 / 3)
     seen = collections.Counter(structure(*texts(task.tokenizer, row)) for row in task.train.inputs)
-    expected = {(r, v, n) for r in ("same", "swap", "new") for v in ("same", "synonym", "antonym", "other")
+    # The shipped world has one verb pair, so no verb is unrelated to the premise's ("other").
+    expected = {(r, v, n) for r in ("same", "swap", "new") for v in ("same", "synonym", "antonym")
                 for n in (False, True)}
     assert set(seen) == expected
     assert min(seen.values()) >= 10
