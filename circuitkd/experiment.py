@@ -448,9 +448,7 @@ class _Grid:
         self._task = None
 
     def key_of(self, r: dict) -> tuple:
-        role = r.get("role") or ("teacher" if r["variant"] == "teacher" else "student")
-        default = self.cfg.teacher_steps if role == "teacher" else self.cfg.student_steps
-        return (role, r["variant"], r["method"], r["alpha"], r["fix"], r.get("steps") or default)
+        return self.key(r["variant"], r["method"], r["alpha"], r["fix"], r.get("steps"), r.get("role"))
 
     def key(self, variant: str, method: str, alpha=None, fix=None, steps: Optional[int] = None,
             role: Optional[str] = None) -> tuple:
@@ -772,7 +770,7 @@ def render_summary(cfg: ExperimentCfg, summary: dict[str, Any]) -> str:
         out += ["", "## Findings (verdicts computed from the intervals)", ""]
         body = []
         for f in summary["findings"]:
-            detail = "; ".join(_finding_detail(name, d) for name, d in f.get("per_method", {}).items())
+            detail = "; ".join(finding_detail(name, d) for name, d in f.get("per_method", {}).items())
             body.append([f["title"], f"**{f['verdict']}**", f["test"], detail])
         out.append(_table(["finding", "verdict", "test", "per method"], body))
     out += ["", "## Every model", ""]
@@ -826,7 +824,8 @@ def render_summary(cfg: ExperimentCfg, summary: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def _finding_detail(method: str, d: dict) -> str:
+def finding_detail(method: str, d: dict) -> str:
+    """One method's verdict with the interval(s) behind it, for tables and the report."""
     if "sensitivity_diff" in d:
         return (f"{method} {d['verdict']} (sensitivity Δ {_ci(d['sensitivity_diff'], 1.0, 2)}, shortcut attention Δ "
                 f"{_ci(d['attention_diff'], 1.0, 3)}, teacher edges kept {_ci(d['edge_survival'], 1.0, 2)})")

@@ -113,7 +113,7 @@ def _slug(text: str) -> str:
 def paper_findings(results: dict[str, Any], analysis: Optional[dict[str, Any]] = None) -> list[str]:
     """The paper's findings, one sentence each, with the verdict the run's intervals give (computed in
     :func:`circuitkd.experiment.summarise` and, for the mechanism, :func:`circuitkd.study.mechanism_finding`)."""
-    from circuitkd.experiment import _finding_detail
+    from circuitkd.experiment import finding_detail
 
     summary = results.get("summary", {})
     found = list(summary.get("findings", []))
@@ -121,7 +121,7 @@ def paper_findings(results: dict[str, Any], analysis: Optional[dict[str, Any]] =
         found.append(analysis["mechanism_finding"])
     lines = []
     for f in found:
-        detail = "; ".join(_finding_detail(m, d) for m, d in f.get("per_method", {}).items())
+        detail = "; ".join(finding_detail(m, d) for m, d in f.get("per_method", {}).items())
         lines.append(f"{f['title']}: {f['verdict'].upper()}. Test: {f['test']}." + (f" Per method: {detail}." if detail
                                                                                       else ""))
     if analysis:

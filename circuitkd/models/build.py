@@ -269,7 +269,10 @@ def uses_native_forward(model) -> bool:
 
 
 def read_positions(model, inputs: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
-    """``Int[batch]``: where each example's class is read (0 for encoders; the last real token if causal)."""
+    """``Int[batch]``: where each example's class is read (0 for encoders; the last real token if causal).
+
+    Only ``inputs``' leading ``[batch, pos]`` shape and device are used (tokens or a per-position output).
+    """
     B, P = inputs.shape[:2]
     if read_position(model) == 0:
         return torch.zeros(B, dtype=torch.long, device=inputs.device)
@@ -282,9 +285,4 @@ def select_class_logits(model, out: Tensor, attention_mask: Optional[Tensor] = N
     """Reduce a raw bridge output to ``[batch, n_classes]`` (see :func:`class_logits`)."""
     if out.dim() == 2:
         return out
-    if read_position(model) == 0:
-        return out[:, 0]
-    if attention_mask is None:
-        return out[:, -1]
-    last = attention_mask.long().sum(dim=1) - 1
-    return out[torch.arange(out.shape[0], device=out.device), last]
+    return out[torch.arange(out.shape[0], device=out.device), read_positions(model, out, attention_mask)]

@@ -5,6 +5,7 @@ mean ± std over seeds.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import plotly.graph_objects as go
@@ -30,8 +31,9 @@ def budget_figure(budget: dict) -> go.Figure:
     points = budget.get("points", [])
     steps = [p["steps"] for p in points]
     kept = [p["kept"]["estimate"] for p in points]
-    up = [p["kept"]["hi"] - p["kept"]["estimate"] if p["kept"]["hi"] == p["kept"]["hi"] else 0 for p in points]
-    down = [p["kept"]["estimate"] - p["kept"]["lo"] if p["kept"]["lo"] == p["kept"]["lo"] else 0 for p in points]
+    # no bar where the interval is undefined (one seed, or a teacher gain of 0 in some resamples)
+    up = [p["kept"]["hi"] - p["kept"]["estimate"] if math.isfinite(p["kept"]["hi"]) else 0 for p in points]
+    down = [p["kept"]["estimate"] - p["kept"]["lo"] if math.isfinite(p["kept"]["lo"]) else 0 for p in points]
     fig = go.Figure()
     fig.add_trace(go.Scatter(x=steps, y=kept, mode="lines+markers", name=f"{budget.get('method')} teacher → student",
                              error_y=dict(type="data", array=up, arrayminus=down, symmetric=False),

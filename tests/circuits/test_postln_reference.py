@@ -71,6 +71,8 @@ def test_frozen_norm_exact_and_eap_edges_equal_a_hand_patched_bert():
     clean_src, clean_logits = _sources(model, pairs.clean, L, H)
     corrupt_src, _ = _sources(model, pairs.corrupt, L, H)
 
+    store: dict = {}
+
     def freeze(name):
         def fn(act, hook):
             x = store[name]
@@ -82,6 +84,11 @@ def test_frozen_norm_exact_and_eap_edges_equal_a_hand_patched_bert():
         def fn(act, hook):
             store[key] = act
         return fn
+
+    def frozen_norms():
+        """Fresh hooks that freeze every LayerNorm at its clean-run scale (storing each norm's input)."""
+        store.clear()
+        return [hook for n in _norm_names(L) for hook in ((f"{n}.hook_in", keep(n)), (f"{n}.hook_out", freeze(n)))]
 
     def through(d, first, last):
         """Carry a difference through the frozen norms with stream index first..last (inclusive)."""
@@ -105,10 +112,7 @@ def test_frozen_norm_exact_and_eap_edges_equal_a_hand_patched_bert():
             if not _upstream(src, node):
                 continue
             d = through(corrupt_src[s] - clean_src[s], first_norm[s], last)
-            store: dict = {}
-            hooks = []
-            for n in _norm_names(L):
-                hooks += [(f"{n}.hook_in", keep(n)), (f"{n}.hook_out", freeze(n))]
+            hooks = frozen_norms()
             if kind == "head":
                 W = getattr(model.blocks[l].attn, f"W_{port.upper()}")[h]
                 b = getattr(model.blocks[l].attn, f"b_{port.upper()}")[h]
@@ -137,10 +141,7 @@ def test_frozen_norm_exact_and_eap_edges_equal_a_hand_patched_bert():
         node = Node("output") if kind == "output" else Node(kind, l, h)
         last = {"head": 2 * (l or 0) - 1, "mlp": 2 * (l or 0), "output": 2 * L - 1}[kind]
         eps = torch.zeros_like(clean_src[0], requires_grad=True)
-        store = {}
-        hooks = []
-        for n in _norm_names(L):
-            hooks += [(f"{n}.hook_in", keep(n)), (f"{n}.hook_out", freeze(n))]
+        hooks = frozen_norms()
         if kind == "head":
             W = getattr(model.blocks[l].attn, f"W_{port.upper()}")[h]
             b = getattr(model.blocks[l].attn, f"b_{port.upper()}")[h]
