@@ -73,6 +73,20 @@ def _each(rule: Rule, kind: type) -> Rule:
     return f"a list of {kind.__name__}s each {rule[0]}", ok
 
 
+#: Where ``circuitkd run`` runs its jobs (see :mod:`circuitkd.executors`).
+EXECUTORS = ("local", "ray")
+#: ExperimentCfg fields that say where a run's jobs execute, not what they compute: a run folder
+#: started under one executor resumes under another.
+EXECUTION_FIELDS = ("executor", "ray_address", "cpus_per_job", "gpus_per_job", "job_retries")
+
+
+def _ray_address_ok(value: str) -> bool:
+    if value in ("", "auto"):
+        return True
+    host, sep, port = value.rpartition(":")
+    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
+
+
 def _device_ok(value: str) -> bool:
     if value == "auto":
         return True
@@ -111,6 +125,11 @@ _RULES: dict[str, dict[str, Rule]] = {
         "lr": _POSITIVE, "temperature": _POSITIVE, "debiased_kd_alpha": _in(0, 1), "fix_alpha": _in(0, 1),
         "augment_n": _NON_NEGATIVE, "workers": _AT_LEAST_1, "threads_per_worker": _AT_LEAST_1,
         "device": ("'auto' or a torch device ('cpu', 'cuda', 'cuda:1')", _device_ok),
+        "executor": (f"one of {list(EXECUTORS)}", lambda v: v in EXECUTORS),
+        "ray_address": ("'' (RAY_ADDRESS or a new local Ray), 'auto' or 'HOST:PORT'", _ray_address_ok),
+        "cpus_per_job": _AT_LEAST_1, "job_retries": _NON_NEGATIVE,
+        "gpus_per_job": ("a GPU count >= 0: a fraction up to 1 (jobs share a GPU), a whole number above",
+                         lambda v: v >= 0 and (v <= 1 or float(v).is_integer())),
         "student_budgets": _each(_AT_LEAST_1, int), "budget_alpha": _in(0, 1), "n_boot": _at_least(100),
         "targets": ("a mapping of target names to numbers in [0, 1]",
                     lambda v: all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x <= 1
@@ -422,6 +441,15 @@ class ExperimentCfg(_Jsonable):
     workers: int = 2
     threads_per_worker: int = 1
     device: str = "auto"
+    #: "local": ``workers`` processes on this machine; "ray": one Ray task per job, each given
+    #: ``cpus_per_job`` CPUs (its torch threads) and ``gpus_per_job`` GPUs (above 1: the job runs
+    #: under torchrun DDP, one process per GPU), retried ``job_retries`` times when its worker dies,
+    #: on the cluster at ``ray_address`` ("" = ``RAY_ADDRESS`` or a new local Ray, "auto", "HOST:PORT")
+    executor: str = "local"
+    ray_address: str = ""
+    cpus_per_job: int = 1
+    gpus_per_job: float = 0.0
+    job_retries: int = 3
     #: keyword arguments of :func:`circuitkd.study.analyse_run` for ``circuitkd run``'s analysis stage
     analysis: dict = field(default_factory=dict)
     #: train the learnability control (teacher) and capacity control (student) on the task with
