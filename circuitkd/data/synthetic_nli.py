@@ -37,10 +37,18 @@ The shipped world (``resources/synthetic_nli_lexicon.json``) is kept small on pu
 that the models of the default study learn the rule rather than only the shortcuts: one
 premise template with every word at a fixed position (``the {subj} {verb} the {obj}``; 15
 tokens with the hypothesis), sixteen entities and one verb pair (two synonymous verbs per
-concept, the two concepts antonyms). Measured on this stack with no shortcut correlated with
-the label (batch 256, lr 6e-3): a 2-layer d=64 encoder reaches 0.99 ID/OOD in 250 steps with
-one verb pair, needs about 1,000 with two, and was still at 0.59 after 1,000 steps with three;
-premise templates that move the entities around slow it further. Custom lexicons with more
+concept, the two concepts antonyms), with premises drawn from the first concept's verbs only
+(the lexicon's optional ``premise_verbs``). With premise verbs of both concepts, the label of
+a same-roles pair is a three-way parity (premise concept, hypothesis concept, negation), and
+small encoders learn parities only after a long, seed-dependent delay. Measured on this stack
+with no shortcut correlated with the label (2-layer d=64 encoder, batch 256, lr 6e-3): with
+both premise concepts, 0.62 / 0.89 ID after 300 steps on two seeds (every miss in the
+verb-negation cells) and 0.99 in 250 steps on a third; with premises of one concept, 0.99 on
+both of those seeds in 300 steps. More verb pairs slow it further (about 1,000 steps with
+two, 0.59 after 1,000 with three), and so do templates that move the entities around.
+With one premise concept a hypothesis verb's concept is visible on its own, so role-changed
+neutrals carry antonym verbs at the rate the other labels do for the same negation state
+(``info["neutral_antonym_rate"]``); otherwise antonyms would mark neutrals. Custom lexicons with more
 verb pairs and templates work unchanged (a world with one pair simply has no "unrelated
 verb" neutrals).
 
@@ -119,6 +127,8 @@ class Lexicon:
     fillers: tuple[str, ...]
     premise_templates: tuple[str, ...]
     hypothesis_template: str
+    # Verbs a premise may use; empty: every verb of every concept.
+    premise_verbs: tuple[str, ...] = ()
 
     @functools.cached_property
     def verb_concept(self) -> dict[str, int]:
@@ -178,13 +188,20 @@ def _load_lexicon_cached(path: str) -> Lexicon:
         raise CircuitKDError(f"lexicon file {path!r} has no cue words for {missing_cues}")
     if len(raw["nouns"]) < 3:
         raise CircuitKDError(f"lexicon file {path!r} needs at least 3 nouns, has {len(raw['nouns'])}")
+    verbs = {w for c in concepts for w in c}
+    premise_verbs = tuple(raw.get("premise_verbs", ()))
+    if "premise_verbs" in raw and not premise_verbs:
+        raise CircuitKDError(f"lexicon file {path!r}: premise_verbs is empty (leave it out to allow every verb)")
+    unknown = [w for w in premise_verbs if w not in verbs]
+    if unknown:
+        raise CircuitKDError(f"lexicon file {path!r}: premise_verbs {unknown} are not verbs of any verb pair")
     return Lexicon(
         nouns=tuple(raw["nouns"]), concepts=tuple(concepts), adjectives=tuple(raw["adjectives"]),
         places=tuple(raw["places"]), prepositions=tuple(raw["prepositions"]), times=tuple(raw["times"]),
         negations=tuple(raw["negations"]), affirmations=tuple(raw["affirmations"]),
         cue_words=tuple(tuple(raw["cue_words"][name]) for name in LABEL_NAMES),
         fillers=tuple(raw["fillers"]), premise_templates=tuple(raw["premise_templates"]),
-        hypothesis_template=raw["hypothesis_template"],
+        hypothesis_template=raw["hypothesis_template"], premise_verbs=premise_verbs,
     )
 
 
@@ -283,11 +300,13 @@ def _verb_for(rng: np.random.Generator, lex: Lexicon, premise_verb: str, relatio
 
 @no_type_check  # per-example hot path: runtime type checks here would dominate generation
 def _structure(rng: np.random.Generator, label: int, overlap: int, negation: int,
-               has_other: bool = True) -> tuple[str, str]:
+               has_other: bool = True, antonym_rate: Optional[Sequence[float]] = None) -> tuple[str, str]:
     """(roles, verb relation) realising a (label, overlap, negation) cell.
 
     ``has_other``: the world has a verb concept unrelated to any given one (two verb pairs or
-    more); with one pair, neutrals come from role changes only.
+    more); with one pair, neutrals come from role changes only. ``antonym_rate[negation]``:
+    the probability that a neutral without full overlap and with changed roles uses an
+    antonym verb (see :func:`_neutral_antonym_rate`); ``None`` spreads it evenly.
     """
     if label == NEUTRAL:
         if overlap:
@@ -297,23 +316,53 @@ def _structure(rng: np.random.Generator, label: int, overlap: int, negation: int
         # entities to roles is the slowest part of the rule for a small encoder to learn.
         other = ("other",) if has_other else ()
         role = _pick(rng, ("swap", "swap", "new", "new", "same") if has_other else ("swap", "new"))
-        if role == "swap":
-            return "swap", _pick(rng, ("synonym", "antonym", *other))
         if role == "same":
             return "same", "other"
-        return _pick(rng, ("new_subj", "new_obj")), _pick(rng, ("same", "synonym", "antonym", *other))
+        role = "swap" if role == "swap" else _pick(rng, ("new_subj", "new_obj"))
+        kept = ("synonym", *other) if role == "swap" else ("same", "synonym", *other)
+        if antonym_rate is None:
+            return role, _pick(rng, ("antonym", *kept))
+        return role, "antonym" if rng.random() < antonym_rate[negation] else _pick(rng, kept)
     if overlap:
         return "same", "same"
     agrees = (label == ENTAILMENT) != bool(negation)
     return "same", "synonym" if agrees else "antonym"
 
 
+def _neutral_antonym_rate(cells: Mapping[tuple, float], has_other: bool) -> tuple[float, float]:
+    """Per negation state, how often a role-changed neutral gets an antonym verb.
+
+    When premises use one verb concept (``premise_verbs``), a hypothesis verb's concept is
+    visible without the premise, so the rate at which neutrals carry antonyms must match the
+    non-neutrals' (``P(antonym | negation, not neutral)`` under ``cells``); otherwise the
+    antonym verbs would become a hypothesis-only cue for one label. Full-overlap neutrals
+    (swaps with the premise's verb) and same-role neutrals (an unrelated verb) never carry
+    one, so the role-changed rest carries them at a higher rate to make up for it.
+
+    Returns:
+        ``(rate without negation, rate with negation)``, each in [0, 1].
+    """
+    rates = []
+    for n in (0, 1):
+        mass = {k: sum(p for (label, o, neg, _), p in cells.items() if neg == n and pred(label, o))
+                for k, pred in (("antonym", lambda label, o: o == 0 and label == (ENTAILMENT if n else CONTRADICTION)),
+                                ("decided", lambda label, o: label != NEUTRAL),
+                                ("neutral", lambda label, o: label == NEUTRAL),
+                                ("open", lambda label, o: label == NEUTRAL and o == 0))}
+        target = mass["antonym"] / mass["decided"] if mass["decided"] > 0 else 0.0
+        open_share = mass["open"] * (0.8 if has_other else 1.0)  # one neutral in five keeps its roles
+        rates.append(min(1.0, target * mass["neutral"] / open_share) if open_share > 0 else 0.0)
+    return rates[0], rates[1]
+
+
 @no_type_check  # per-example hot path: runtime type checks here would dominate generation
-def _sample_example(rng: np.random.Generator, lex: Lexicon, cell: tuple[int, int, int, int]) -> _Example:
+def _sample_example(rng: np.random.Generator, lex: Lexicon, cell: tuple[int, int, int, int],
+                    antonym_rate: Optional[Sequence[float]] = None) -> _Example:
     label, overlap, negation, cue = cell
     subj, obj = (lex.nouns[i] for i in rng.choice(len(lex.nouns), size=2, replace=False))
-    verb = _pick(rng, _pick(rng, lex.concepts))
-    role, relation = _structure(rng, label, overlap, negation, has_other=len(lex.concepts) > 2)
+    verb = _pick(rng, lex.premise_verbs) if lex.premise_verbs else _pick(rng, _pick(rng, lex.concepts))
+    role, relation = _structure(rng, label, overlap, negation, has_other=len(lex.concepts) > 2,
+                                antonym_rate=antonym_rate)
     h_subj, h_obj = (obj, subj) if role == "swap" else (subj, obj)
     if role in ("new_subj", "new_obj"):
         new = _pick(rng, [w for w in lex.nouns if w not in (subj, obj)])
@@ -486,6 +535,8 @@ class _Generator:
         self.group_names = self._group_names()
         self._group_index = {g: i for i, g in enumerate(self.group_names)}
         self.eval_texts: set[tuple[str, str]] = set()
+        # Set from the training distribution once it is known; None keeps the even spread.
+        self.antonym_rate: Optional[tuple[float, float]] = None
 
     def _group_names(self) -> tuple[str, ...]:
         names = []
@@ -519,7 +570,7 @@ class _Generator:
         examples = []
         for i in order:
             for _ in range(1000):
-                ex = _sample_example(rng, self.lex, cells[i])
+                ex = _sample_example(rng, self.lex, cells[i], self.antonym_rate)
                 key = (ex.premise(self.lex), ex.hypothesis(self.lex))
                 if key not in avoid:
                     break
@@ -608,19 +659,19 @@ class _Generator:
                 label = int(rng.integers(3))
                 negation = int(rng.integers(2)) if label == NEUTRAL else int(label == CONTRADICTION)
                 cell = (label, 1, negation, cue)
-                base = _sample_example(rng, lex, cell)
+                base = _sample_example(rng, lex, cell, self.antonym_rate)
                 edit = replace(base, h_verb=_verb_for(rng, lex, base.verb, "synonym"))
                 return base, edit, cell, (label, 0, negation, cue)
             if bias == "negation":
                 label = int(rng.integers(3))
                 if label == NEUTRAL:  # negating a neutral hypothesis leaves it neutral
                     cell = (NEUTRAL, int(rng.integers(2)), 0, cue)
-                    base = _sample_example(rng, lex, cell)
+                    base = _sample_example(rng, lex, cell, self.antonym_rate)
                     edit = replace(base, pol=_pick(rng, lex.negations))
                     return base, edit, cell, (NEUTRAL, cell[1], 1, cue)
                 # verb -> antonym plus negation: "helped" and "never ignored" mean the same
                 cell = (label, 0, 0, cue)
-                base = _sample_example(rng, lex, cell)
+                base = _sample_example(rng, lex, cell, self.antonym_rate)
                 edit = replace(base, pol=_pick(rng, lex.negations),
                                h_verb=_verb_for(rng, lex, base.verb, "antonym" if base.h_verb in
                                                 lex.concepts[lex.verb_concept[base.verb]] else "synonym"))
@@ -628,7 +679,7 @@ class _Generator:
             # cue: swap the cue word for one tied to a different label
             label, o, n = _pick(rng, sorted(_REALISABLE))
             cell = (label, o, n, cue)
-            base = _sample_example(rng, lex, cell)
+            base = _sample_example(rng, lex, cell, self.antonym_rate)
             other = _pick(rng, [k for k in range(3) if k != cue])
             return base, replace(base, slot=_pick(rng, lex.cue_words[other])), cell, (label, o, n, other)
         # flip == "label": the shortcut's word(s) stay, the structure changes the gold label
@@ -636,12 +687,12 @@ class _Generator:
             negation = int(rng.integers(2))
             label = CONTRADICTION if negation else ENTAILMENT
             cell = (label, 1, negation, cue)
-            base = _sample_example(rng, lex, cell)
+            base = _sample_example(rng, lex, cell, self.antonym_rate)
             return base, replace(base, h_subj=base.h_obj, h_obj=base.h_subj), cell, (NEUTRAL, 1, negation, cue)
         negation = 1 if bias == "negation" else int(rng.integers(2))
         label = CONTRADICTION if negation else ENTAILMENT  # same roles, synonym verb
         cell = (label, 0, negation, cue)
-        base = _sample_example(rng, lex, cell)
+        base = _sample_example(rng, lex, cell, self.antonym_rate)
         relation = _pick(rng, ("antonym", "other") if len(lex.concepts) > 2 else ("antonym",))
         target = NEUTRAL if relation == "other" else (ENTAILMENT if negation else CONTRADICTION)
         return base, replace(base, h_verb=_verb_for(rng, lex, base.verb, relation)), cell, (target, 0, negation, cue)
@@ -741,6 +792,8 @@ def synthetic_nli(
     gen = _Generator(int(seed), biases, effective, presence_by_bias, lex, tokenizer)
     train_cells = _train_cells(effective, presence_by_bias)
     ood_cells = _ood_cells(biases, presence_by_bias)
+    if lex.premise_verbs:
+        gen.antonym_rate = _neutral_antonym_rate(train_cells, has_other=len(lex.concepts) > 2)
     seen: set = set()
     # Test splits are drawn first and every later draw avoids their texts, so no test
     # example also appears in train or in augmentation data.
@@ -763,6 +816,7 @@ def synthetic_nli(
         "expected_train_aligned_rate": expected_aligned,
         "ood_aligned_weight": OOD_ALIGNED_WEIGHT, "ood_cue_conflict_weight": OOD_CUE_CONFLICT_WEIGHT,
         "lexicon": os.path.basename(_DEFAULT_LEXICON), "label_names": list(LABEL_NAMES),
+        "neutral_antonym_rate": None if gen.antonym_rate is None else list(gen.antonym_rate),
     }
     return Task(
         name="synthetic_nli", modality="text", n_classes=3, label_names=LABEL_NAMES, bias_types=biases,

@@ -313,3 +313,56 @@ def test_unbiased_task_covers_every_structure():
                 for n in (False, True)}
     assert set(seen) == expected
     assert min(seen.values()) >= 10
+
+
+def _lexicon_with(**changes):
+    import json
+    import os
+    import tempfile
+
+    from circuitkd.data.synthetic_nli import _DEFAULT_LEXICON
+
+    raw = json.loads(open(_DEFAULT_LEXICON).read())
+    raw.update(changes)
+    path = os.path.join(tempfile.mkdtemp(), "lexicon.json")
+    with open(path, "w") as f:
+        json.dump(raw, f)
+    return path
+
+
+def test_premises_use_only_the_premise_verbs(task):
+    assert set(LEX.premise_verbs) == {"helped", "assisted"}
+    verbs = collections.Counter()
+    for row in task.train.inputs[:2000]:
+        premise, _ = texts(task.tokenizer, row)
+        verbs.update(w for w in premise.split() if w in LEX.verb_concept)
+    assert set(verbs) == set(LEX.premise_verbs)
+
+
+def test_hypothesis_verb_concept_does_not_mark_neutrals():
+    # Premises of one concept make a hypothesis verb's concept visible on its own; neutrals
+    # must carry antonyms at the rate non-neutrals with the same negation do, or the
+    # antonym verbs would become a hypothesis-only cue for "neutral".
+    task = synthetic_nli(seed=1, n_train=6000, n_id=30, n_ood=30, strength=0.97)
+    counts = collections.Counter()
+    for row, label in zip(task.train.inputs, task.train.labels.tolist()):
+        _, hypothesis = texts(task.tokenizer, row)
+        words = hypothesis.split()
+        antonym = any(w in LEX.concepts[1] for w in words)
+        negated = any(w in LEX.negations for w in words)
+        counts[(label == NEUTRAL, negated, antonym)] += 1
+    for negated in (False, True):
+        rates = [counts[(neutral, negated, True)] / max(1, counts[(neutral, negated, True)] + counts[(neutral, negated, False)])
+                 for neutral in (False, True)]
+        assert abs(rates[0] - rates[1]) < 0.02, (negated, rates)
+    assert task.info["neutral_antonym_rate"] is not None
+
+
+def test_bad_premise_verbs_raise():
+    from circuitkd.data.synthetic_nli import load_lexicon
+    from circuitkd.errors import CircuitKDError
+
+    with pytest.raises(CircuitKDError, match="not verbs of any verb pair"):
+        load_lexicon(_lexicon_with(premise_verbs=["helped", "danced"]))
+    with pytest.raises(CircuitKDError, match="premise_verbs is empty"):
+        load_lexicon(_lexicon_with(premise_verbs=[]))
