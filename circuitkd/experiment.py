@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from circuitkd.config import DebiasCfg, ExperimentCfg
+from circuitkd.config import EXECUTION_FIELDS, DebiasCfg, ExperimentCfg
 from circuitkd.errors import CircuitKDError
 from circuitkd.stats import NAN_INTERVAL, Interval, bootstrap_interval, combine, verdict
 
@@ -223,22 +223,31 @@ def _bits(correct) -> str:
     return "".join("1" if c else "0" for c in correct.tolist())
 
 
+def finished_row(job: Job, run_dir: str | Path) -> Optional[dict[str, Any]]:
+    """``job``'s result row (marked ``skipped``) when its checkpoint and metrics exist, else None."""
+    from circuitkd.models.checkpoint import is_checkpoint
+
+    metrics_path = Path(run_dir) / "metrics" / f"{job.id}.json"
+    if metrics_path.exists() and is_checkpoint(Path(run_dir) / "models" / job.id):
+        return {**json.loads(metrics_path.read_text()), "skipped": True}
+    return None
+
+
 def run_job(job: Job, cfg: ExperimentCfg, run_dir: str | Path) -> dict[str, Any]:
     """Train (or load) ``job``'s model, evaluate it, and write its metrics; returns its result row."""
     import torch
 
     from circuitkd.evaluate import evaluate
-    from circuitkd.models.checkpoint import atomic_write_text, is_checkpoint, load_checkpoint
+    from circuitkd.models.checkpoint import atomic_write_text, load_checkpoint
     from circuitkd.train.distill import distill
     from circuitkd.train.train import train_model
 
     run_dir = Path(run_dir)
     ckpt = run_dir / "models" / job.id
     metrics_path = run_dir / "metrics" / f"{job.id}.json"
-    if metrics_path.exists() and is_checkpoint(ckpt):
-        row = json.loads(metrics_path.read_text())
-        row["skipped"] = True
-        return row
+    done = finished_row(job, run_dir)
+    if done is not None:
+        return done
     torch.manual_seed(job.seed)
     task = load_task(cfg, control=job.variant == "control")
     device = _device(cfg)
@@ -325,8 +334,9 @@ def run_experiment(cfg: ExperimentCfg, out: str | Path, *, log: Callable[[str], 
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = out / "config.json"
     if cfg_path.exists():
-        old = json.loads(cfg_path.read_text())
-        if old != json.loads(cfg.to_json()):
+        # Where the jobs run (EXECUTION_FIELDS) is not what they compute: any executor may resume a run.
+        computed = lambda d: {k: v for k, v in d.items() if k not in EXECUTION_FIELDS}  # noqa: E731
+        if computed(json.loads(cfg_path.read_text())) != computed(json.loads(cfg.to_json())):
             raise CircuitKDError(
                 f"{out} holds a run with a different config; choose another --out folder or delete it"
             )
@@ -343,7 +353,15 @@ def run_experiment(cfg: ExperimentCfg, out: str | Path, *, log: Callable[[str], 
             f"{row['worst_group_acc']:.3f}  ({what}; {time.perf_counter() - t0:.0f}s elapsed)")
 
     log(f"circuitkd run {cfg.name!r}: {n} models, {len(cfg.seeds)} seed(s), {cfg.workers} worker(s) -> {out}")
-    if cfg.workers == 1:
+    if cfg.executor == "ray":
+        from circuitkd.executors import run_grid
+
+        def done(row: dict) -> None:
+            rows[row["id"]] = row
+            report(row)
+
+        run_grid(cfg, jobs, out, on_done=done)
+    elif cfg.workers == 1:
         import torch
 
         threads = torch.get_num_threads()
