@@ -9,6 +9,7 @@ Bad input ends with a non-zero exit and a one-line error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -21,6 +22,7 @@ EPILOG = """examples:
   circuitkd run                          the default study (train, evaluate, analyse, report)
   circuitkd run --quick --out runs/q     a smoke run of a minute or two
   circuitkd run --config my.toml         a config of your own (JSON, TOML or YAML)
+  circuitkd run --executor ray --ray-address auto --gpus-per-job 1   every job a task on a Ray cluster
   circuitkd train --preset teacher --debias poe --out ckpt/teacher
   circuitkd distill ckpt/teacher --preset student --alpha 0 --out ckpt/student
   circuitkd evaluate ckpt/student
@@ -116,18 +118,27 @@ def _load(path: str, args: argparse.Namespace):
 def _run(args: argparse.Namespace) -> int:
     from circuitkd.experiment import load_config, run_experiment
 
-    cfg = load_config(args.config, quick=args.quick, workers=args.workers, device=args.device)
+    cfg = load_config(args.config, quick=args.quick, workers=args.workers, device=args.device,
+                      executor=args.executor, ray_address=args.ray_address, cpus_per_job=args.cpus_per_job,
+                      gpus_per_job=args.gpus_per_job)
+    if cfg.executor != "ray" and (args.ray_address or args.cpus_per_job or args.gpus_per_job is not None):
+        raise CircuitKDError("--ray-address, --cpus-per-job and --gpus-per-job need --executor ray")
     out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     t0 = time.perf_counter()
-    run_experiment(cfg, out)
-    if not args.no_analysis:
-        from circuitkd.report import write_report
-        from circuitkd.study import analyse_run
+    with contextlib.ExitStack() as stack:
+        if cfg.executor == "ray":
+            from circuitkd.executors import ray_cluster
 
-        analysis = cfg.analysis or {}
-        analyse_run(out, log=_log, **analysis)
-        report = write_report(out)
-        _log(f"report: {report}")
+            stack.enter_context(ray_cluster(cfg))  # joined and checked before any job starts
+        run_experiment(cfg, out)
+        if not args.no_analysis:
+            from circuitkd.report import write_report
+            from circuitkd.study import analyse_run
+
+            analysis = cfg.analysis or {}
+            analyse_run(out, log=_log, **analysis)
+            report = write_report(out)
+            _log(f"report: {report}")
     _log(f"done in {time.perf_counter() - t0:.0f}s")
     print(out / ("summary.md" if args.no_analysis else "report.html"))
     return 0
@@ -306,6 +317,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="run folder (default: runs/<name>-<timestamp>)")
     run.add_argument("--workers", type=_COUNT, help="parallel training processes (overrides the config)")
     run.add_argument("--device", help="'auto', 'cpu' or 'cuda' (overrides the config)")
+    run.add_argument("--executor", choices=("local", "ray"),
+                     help="where jobs run: 'local' processes (default) or 'ray' tasks (pip install -e \".[ray]\")")
+    run.add_argument("--ray-address", help="Ray cluster to join: 'auto' or HOST:PORT (default: RAY_ADDRESS, else a "
+                                           "new local Ray)")
+    run.add_argument("--cpus-per-job", type=_COUNT, help="CPUs (torch threads) per Ray job (overrides the config)")
+    run.add_argument("--gpus-per-job", type=_number(float, 0),
+                     help="GPUs per Ray job; above 1 the job trains under torchrun DDP (overrides the config)")
     run.add_argument("--no-analysis", action="store_true", help="stop after training and evaluation")
 
     def training(p: argparse.ArgumentParser) -> None:
