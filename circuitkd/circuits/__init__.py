@@ -5,7 +5,14 @@ Methods (``discover(model, pairs, method=...)``):
 
 - ``"exact"``: edge patching, one edge at a time, many edges per batched forward;
 - ``"eap"``: edge attribution patching (Syed et al. 2023);
-- ``"eap-ig"``: EAP with integrated gradients over input interpolations (Hanna et al. 2024);
+- ``"eap-ig"``: EAP with integrated gradients over input interpolations (Hanna et al. 2024; MIB's
+  ``EAP-IG-inputs``);
+- ``"eap-ig-activations"``: integrated gradients over each node group's activations, one group at a
+  time (MIB's ``EAP-IG-activations``, Mueller et al. 2025);
+- ``"clean-corrupted"``: the gradient averaged over the clean and the corrupt run only (MIB's
+  ``clean-corrupted``);
+- ``"mask-gradient-ig"``: integrated gradients of the metric with respect to edge masks interpolated
+  from 0 to 1 together (auto-circuit's ``mask_gradient_prune_scores``);
 - ``"acdc"``: automatic circuit discovery with a KL or metric threshold (Conmy et al. 2023).
 
 Every method is ``f(model, pairs, *, metric, graph, ablation, batch_size, **options) -> Circuit``.
@@ -21,13 +28,16 @@ import torch
 
 from circuitkd.circuits.acdc import acdc
 from circuitkd.circuits.base import ABLATIONS, check_pairs
+from circuitkd.circuits.clean_corrupted import clean_corrupted
 from circuitkd.circuits.compare import CircuitComparison, compare_circuits
 from circuitkd.circuits.eap import eap
 from circuitkd.circuits.eap_ig import eap_ig
+from circuitkd.circuits.eap_ig_activations import eap_ig_activations
 from circuitkd.circuits.exact import exact
 from circuitkd.circuits.faithfulness import MIB_FRACTIONS, FaithfulnessResult, faithfulness
 from circuitkd.circuits.forward import patched_forward, source_values
 from circuitkd.circuits.graph import Circuit, ComponentGraph
+from circuitkd.circuits.mask_gradient import mask_gradient_ig
 from circuitkd.circuits import postln
 from circuitkd.circuits.postln import validate_post_ln
 from circuitkd.errors import CircuitKDError
@@ -35,8 +45,11 @@ from circuitkd.metrics import logit_diff, metric_name, resolve_metric
 from circuitkd.types import PromptPairs
 
 #: name -> method; every method has the signature above.
-METHODS: dict[str, Callable[..., Circuit]] = {"exact": exact, "eap": eap, "eap-ig": eap_ig, "acdc": acdc}
-_GRADIENT_METHODS = ("eap", "eap-ig")
+METHODS: dict[str, Callable[..., Circuit]] = {
+    "exact": exact, "eap": eap, "eap-ig": eap_ig, "eap-ig-activations": eap_ig_activations,
+    "clean-corrupted": clean_corrupted, "mask-gradient-ig": mask_gradient_ig, "acdc": acdc,
+}
+_GRADIENT_METHODS = ("eap", "eap-ig", "eap-ig-activations", "clean-corrupted", "mask-gradient-ig")
 
 
 def register(name: str, fn: Callable[..., Circuit]) -> None:
@@ -124,6 +137,7 @@ def discover(model, pairs: PromptPairs, method: str = "eap-ig", metric=None, *, 
 
 __all__ = [
     "ComponentGraph", "Circuit", "METHODS", "register", "discover", "build_graph", "exact", "eap", "eap_ig",
+    "eap_ig_activations", "clean_corrupted", "mask_gradient_ig",
     "acdc", "faithfulness", "FaithfulnessResult", "MIB_FRACTIONS", "validate_post_ln", "patched_forward",
     "source_values", "logit_diff", "compare_circuits", "CircuitComparison",
 ]

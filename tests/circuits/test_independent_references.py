@@ -96,12 +96,14 @@ def _upstream(model, reader):
 
 
 def _reader_hooks(model, reader, delta):
-    """Hooks that add ``delta`` [batch pos d_model] to what ``reader`` reads, before its LayerNorm."""
+    """Hooks that add ``delta`` [batch pos d_model] to what ``reader`` reads, before its LayerNorm
+    (``delta`` may be a function of no arguments, called when the reader reads: a live difference)."""
     kind, l, h, port = reader
+    value = delta if callable(delta) else (lambda: delta)
     if kind == "output":
-        return [("ln_final.hook_in", lambda act, hook: act + delta)]
+        return [("ln_final.hook_in", lambda act, hook: act + value())]
     if kind == "mlp":
-        return [(f"blocks.{l}.ln2.hook_in", lambda act, hook: act + delta)]
+        return [(f"blocks.{l}.ln2.hook_in", lambda act, hook: act + value())]
     store = {}
     ln = model.blocks[l].ln1
     W = getattr(model.blocks[l].attn, f"W_{port.upper()}")[h]  # [d_model d_head]
@@ -111,7 +113,7 @@ def _reader_hooks(model, reader, delta):
         store["resid"] = act
 
     def replace(act, hook):
-        x = store["resid"] + delta
+        x = store["resid"] + value()
         x = F.layer_norm(x, (x.shape[-1],), ln.weight, ln.bias, model.cfg.eps)
         out = act.clone()
         out[:, :, h] = x @ W + b
@@ -177,17 +179,19 @@ def test_exact_equals_hand_patched_edges(setup, edge_logits):
     assert ref.abs().max() > 0.05 and int((ref.abs() > 1e-3).sum()) > 0.8 * len(edge_logits)
 
 
-def _reader_gradients(setup, tokens, metric, embed=None):
-    """d metric(sum over pairs) / d (what each reader reads), by autograd through hooks added here."""
+def _reader_gradients(setup, tokens, metric, embed=None, first_hooks=()):
+    """d metric(sum over pairs) / d (what each reader reads), by autograd through hooks added here
+    (``first_hooks`` run before the readers' own hooks)."""
     model, pairs = setup[0], setup[1]
     grads = {}
     for reader in _readers(model):
         eps = torch.zeros(tokens.shape + (model.cfg.d_model,), requires_grad=True)
-        hooks = _reader_hooks(model, reader, eps)
+        hooks = list(first_hooks) + _reader_hooks(model, reader, eps)
         if embed is not None:
             hooks = [("blocks.0.hook_resid_pre", lambda act, hook: embed)] + hooks
         value = metric(_run(model, tokens, hooks, pairs.attention_mask)).sum()
-        (grads[reader],) = torch.autograd.grad(value, eps)
+        (g,) = torch.autograd.grad(value, eps, allow_unused=True)  # unused: a first hook cut the reader off
+        grads[reader] = torch.zeros_like(eps) if g is None else g
     return grads
 
 

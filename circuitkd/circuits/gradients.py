@@ -1,0 +1,63 @@
+"""Pieces the integrated-gradient circuit methods share: the source differences an edge score
+contracts with, the reader-input gradients of a patched forward summed over its copies, and the
+checks of a step count (EAP, Syed et al. 2023; EAP-IG, Hanna et al. 2024; MIB's circuit track,
+Mueller et al. 2025)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from circuitkd.circuits.base import BatchValues, expand_pairs
+from circuitkd.circuits.forward import patched_forward
+from circuitkd.circuits.graph import ComponentGraph
+from circuitkd.errors import CircuitKDError
+from circuitkd.metrics import evaluate_metric
+
+
+def check_steps(steps, *, name: str = "steps", minimum: int = 1) -> int:
+    """``steps`` as an int, or :class:`CircuitKDError` naming it when it is not a whole number >= ``minimum``."""
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise CircuitKDError(f"{name} must be a whole number >= {minimum}, got {steps!r}")
+    if steps < minimum:
+        raise CircuitKDError(f"{name} must be >= {minimum}, got {steps}")
+    return steps
+
+
+def check_edge_graph(graph: ComponentGraph, method: str) -> None:
+    if graph.level != "edge":
+        raise CircuitKDError(f"{method} scores edges; use method='exact' for a node-level graph")
+
+
+def source_deltas(model, graph: ComponentGraph, bv: BatchValues) -> dict:
+    """Each reader group's ``replacement_src - clean_src`` as that reader sees it: ``[batch pos S_before d_model]``
+    keyed like :func:`patched_forward`'s deltas (on post-LN models carried through the frozen clean norms)."""
+    with torch.no_grad():
+        return patched_forward(model, graph, bv.pairs.clean, bv.pairs.attention_mask, replacement=bv.replacement,
+                               norm_scales=bv.clean.norm_scales, record_deltas=True).deltas
+
+
+def summed_reader_gradients(model, graph: ComponentGraph, bv: BatchValues, metric, inputs: Tensor, *,
+                            n_copies: int = 1, **patch) -> dict:
+    """``d sum(metric) / d (reader input)`` for ``n_copies`` copies of ``inputs`` in one forward, summed over
+    the copies: ``{key: [batch pos ...]}`` keyed like :func:`patched_forward`'s leaves (``(layer, "q"|"k"|"v")``
+    ``[batch pos head d_model]``, ``(layer, "mlp")`` and ``"output"`` ``[batch pos d_model]``).
+
+    ``patch`` goes to :func:`patched_forward` (``norm_scales``, ``embed_override``, ...). The metric of
+    copy ``k`` compares with ``bv.clean.logits`` (for KL-style metrics).
+    """
+    K, B = n_copies, len(bv.pairs)
+    with torch.enable_grad():
+        run = patched_forward(model, graph, inputs, bv.pairs.attention_mask, reader_grads=True, n_copies=K, **patch)
+        value = evaluate_metric(metric, run.logits, expand_pairs(bv.pairs, K), bv.clean.logits).sum()
+        keys = list(run.leaves)
+        grads = torch.autograd.grad(value, [run.leaves[k] for k in keys], allow_unused=True)
+    out = {}
+    for key, grad in zip(keys, grads):
+        grad = torch.zeros_like(run.leaves[key]) if grad is None else grad
+        out[key] = grad.view(K, B, *grad.shape[1:]).sum(0)
+    return out
+
+
+def add_gradients(total: dict, grads: dict) -> dict:
+    """``total + grads`` key by key (``total`` may be empty)."""
+    return {k: grads[k] if k not in total else total[k] + grads[k] for k in grads}
