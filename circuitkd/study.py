@@ -91,21 +91,110 @@ def analyse_model(model, pairs: PromptPairs, *, circuit_method: str, circuit_kwa
     return out
 
 
+def analyse_pair(run_dir: str | Path, cfg, seed: int, cmp: dict[str, str], *, n_pairs: int, n_attention: int,
+                 circuit_method: str, circuit_kwargs: dict, top_k: int, batch_size: int,
+                 device: Optional[str] = None, figures: bool = True, cache: Optional[dict] = None,
+                 log: Callable[[str], None] = print) -> dict[str, Any]:
+    """One analysis job: one teacher/student pair of a finished run on ``seed``'s shortcut pairs.
+
+    Head patching, a circuit and its faithfulness for each model (:func:`analyse_model`), their
+    attention diff and circuit comparison. Returns ``models`` (each model's analysis), ``entry``
+    (this seed's numbers for the over-seeds intervals), ``detail`` (the full record, when
+    ``figures``, else None) and ``figures``. ``cache`` shares loaded models, pairs and analyses
+    between the jobs of one process.
+    """
+    from circuitkd.attention import diff_attention
+    from circuitkd.circuits import compare_circuits
+    from circuitkd.circuits.compare import head_matching
+    from circuitkd.experiment import load_task
+    from circuitkd.models import load_checkpoint
+    from circuitkd.viz import attention as viz_attention
+    from circuitkd.viz import circuits as viz_circuits
+    from circuitkd.viz import patching as viz_patching
+
+    cache = {} if cache is None else cache
+    models, per_model = cache.setdefault("models", {}), cache.setdefault("per_model", {})
+    task = load_task(cfg)
+    by_seed = cache.setdefault("pairs", {})
+    if seed not in by_seed:
+        by_seed[seed] = task.shortcut_pairs(n_pairs, seed=seed)
+    seed_pairs = by_seed[seed]
+
+    def get(model_id: str):
+        if model_id not in models:
+            models[model_id] = load_checkpoint(Path(run_dir) / "models" / model_id, device=device)
+        if model_id not in per_model:
+            t0 = time.perf_counter()
+            per_model[model_id] = analyse_model(models[model_id], seed_pairs, circuit_method=circuit_method,
+                                                circuit_kwargs=circuit_kwargs, batch_size=batch_size, top_k=top_k)
+            log(f"  {model_id}: patching + {circuit_method} circuit in {time.perf_counter() - t0:.1f}s")
+        return models[model_id]
+
+    teacher, student = get(cmp["teacher"]), get(cmp["student"])
+    t0 = time.perf_counter()
+    diff = diff_attention(teacher, student, task, split="ood_test", n=n_attention, batch_size=64)
+    t_res, s_res = per_model[cmp["teacher"]], per_model[cmp["student"]]
+    # Heads matched by function (their attention patterns), MLPs by relative depth.
+    comparison = compare_circuits(
+        t_res["circuit"], s_res["circuit"],
+        matching=head_matching(t_res["circuit"], s_res["circuit"], diff.matching),
+        matching_name=f"heads by attention pattern ({diff.matching_method}), MLPs by relative depth")
+    by_depth = compare_circuits(t_res["circuit"], s_res["circuit"])
+    log(f"  attention diff + circuit comparison in {time.perf_counter() - t0:.1f}s")
+    name = cmp["name"]
+    n_teacher_edges = len(comparison.shared) + len(comparison.lost)
+    entry = {
+        "seed": seed, "teacher": cmp["teacher"], "student": cmp["student"],
+        "teacher_sensitivity": t_res["patching"]["sensitivity"],
+        "student_sensitivity": s_res["patching"]["sensitivity"],
+        "teacher_shortcut_attention": float(diff.teacher.shortcut_attention().nanmean()),
+        "student_shortcut_attention": float(diff.student.shortcut_attention().nanmean()),
+        "edge_survival": len(comparison.shared) / n_teacher_edges if n_teacher_edges else float("nan")}
+    out: dict[str, Any] = {"models": {cmp["teacher"]: t_res, cmp["student"]: s_res}, "entry": entry,
+                           "detail": None, "figures": {}}
+    if not figures:
+        return out  # later seeds feed the intervals; figures and prose come from the first
+    figs = out["figures"]
+    figs[f"{name}__attention_heatmaps"] = viz_attention.shortcut_heatmaps(diff)
+    figs[f"{name}__patterns"] = viz_attention.pattern_figure(diff)
+    figs[f"{name}__matching"] = viz_attention.matching_figure(diff)
+    figs[f"{name}__cka"] = viz_attention.cka_figure(diff)
+    figs[f"{name}__head_patching"] = viz_patching.head_effects_figure(
+        t_res["patching"], s_res["patching"], matching=diff.matching, matching_method=diff.matching_method,
+        teacher_name=cmp["teacher"], student_name=cmp["student"])
+    figs[f"{name}__circuit"] = viz_circuits.circuit_figure(
+        t_res["circuit"], s_res["circuit"], comparison, teacher_name=cmp["teacher"], student_name=cmp["student"],
+        title=f"{name}: teacher vs student circuit")
+    faith = {k: v for k, v in (("teacher", t_res["faithfulness"]), ("student", s_res["faithfulness"]))
+             if "error" not in v}
+    if faith:
+        figs[f"{name}__faithfulness"] = viz_circuits.faithfulness_curves(
+            {k: _Faith(v) for k, v in faith.items()}, title=f"{name}: faithfulness")
+    out["detail"] = {
+        "teacher_patching": t_res["patching"], "student_patching": s_res["patching"],
+        "attention": diff.to_dict(), "attention_summary": diff.summary(),
+        "circuit_comparison": comparison.to_dict(),
+        "teacher_circuit_top": t_res["circuit_top"], "student_circuit_top": s_res["circuit_top"],
+        "teacher_faithfulness": t_res["faithfulness"], "student_faithfulness": s_res["faithfulness"],
+        "circuit_comparison_by_depth": by_depth.to_dict(),
+        **_findings_and_figures(cmp, t_res, s_res, diff, comparison, by_depth),
+    }
+    return out
+
+
 def analyse_run(run_dir: str | Path, *, n_pairs: int = 96, n_attention: int = 256,
                 circuit_method: str = "eap-ig", circuit_kwargs: Optional[dict] = None, top_k: int = 20,
                 batch_size: int = 32, seed: Optional[int] = None, device: Optional[str] = None,
                 log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Analyse the teacher/student pairs of a finished run; writes ``<run>/analysis/`` and returns its dict."""
-    from circuitkd.attention import diff_attention
-    from circuitkd.circuits import compare_circuits
-    from circuitkd.circuits.compare import head_matching
+    """Analyse the teacher/student pairs of a finished run; writes ``<run>/analysis/`` and returns its dict.
+
+    Each pair of each seed is one :func:`analyse_pair` job: in this process one after another
+    (models shared between pairs are analysed once), or as Ray tasks when the run's config says
+    ``executor: "ray"`` (see :mod:`circuitkd.executors`).
+    """
     from circuitkd.config import ExperimentCfg
     from circuitkd.experiment import load_task
-    from circuitkd.models import load_checkpoint
     from circuitkd.models.checkpoint import atomic_write_dir
-    from circuitkd.viz import attention as viz_attention
-    from circuitkd.viz import circuits as viz_circuits
-    from circuitkd.viz import patching as viz_patching
 
     run_dir = Path(run_dir)
     results_path = run_dir / "results.json"
@@ -120,77 +209,42 @@ def analyse_run(run_dir: str | Path, *, n_pairs: int = 96, n_attention: int = 25
     todo = [(s, cmp) for s in seeds for cmp in comparisons(cfg, rows, seed=s)]
     if not todo:
         raise CircuitKDError(f"run {run_dir} has no teacher/student pair to analyse")
-    pairs_by_seed = {s: task.shortcut_pairs(n_pairs, seed=s) for s in seeds}
-    pairs = pairs_by_seed[seeds[0]]
+    pairs = task.shortcut_pairs(n_pairs, seed=seeds[0])
     circuit_kwargs = dict(circuit_kwargs if circuit_kwargs is not None else
                           ({"steps": 8} if circuit_method == "eap-ig" else {}))
+    settings = dict(n_pairs=n_pairs, n_attention=n_attention, circuit_method=circuit_method,
+                    circuit_kwargs=circuit_kwargs, top_k=top_k, batch_size=batch_size, device=device)
     t_start = time.perf_counter()
-    models: dict[str, Any] = {}
+    if cfg.executor == "ray":
+        # One Ray task per pair; each analyses its own teacher and student (a teacher shared by
+        # two pairs is analysed twice, in parallel, with the same result).
+        from circuitkd.executors import RemoteJob, ray_cluster, run_remote
+
+        jobs = [RemoteJob(f"analysis-{cmp['name']}-s{s}", analyse_pair, (str(run_dir), cfg, s, cmp),
+                          {**settings, "figures": s == seeds[0]}) for s, cmp in todo]
+        with ray_cluster(cfg):
+            done = run_remote(jobs, cfg, run_dir, what="analysis jobs", num_gpus=min(cfg.gpus_per_job, 1.0))
+        results = [done[job.id] for job in jobs]
+    else:
+        cache: dict[str, Any] = {"pairs": {seeds[0]: pairs}}  # models and analyses shared by the pairs
+        results = []
+        for i, (s, cmp) in enumerate(todo, 1):
+            log(f"[analysis {i}/{len(todo)}] seed {s}, {cmp['what']}: {cmp['teacher']} vs {cmp['student']}")
+            results.append(analyse_pair(run_dir, cfg, s, cmp, figures=s == seeds[0], cache=cache, log=log,
+                                        **settings))
+
     per_model: dict[str, dict] = {}
-
-    def get(model_id: str, seed_pairs: PromptPairs):
-        if model_id not in models:
-            models[model_id] = load_checkpoint(run_dir / "models" / model_id, device=device)
-        if model_id not in per_model:
-            t0 = time.perf_counter()
-            per_model[model_id] = analyse_model(models[model_id], seed_pairs, circuit_method=circuit_method,
-                                                circuit_kwargs=circuit_kwargs, batch_size=batch_size, top_k=top_k)
-            log(f"  {model_id}: patching + {circuit_method} circuit in {time.perf_counter() - t0:.1f}s")
-        return models[model_id]
-
     figures: dict[str, Any] = {}
     out_pairs = []
     per_seed: dict[str, list[dict[str, Any]]] = {}
-    for i, (s, cmp) in enumerate(todo, 1):
-        log(f"[analysis {i}/{len(todo)}] seed {s}, {cmp['what']}: {cmp['teacher']} vs {cmp['student']}")
-        teacher, student = get(cmp["teacher"], pairs_by_seed[s]), get(cmp["student"], pairs_by_seed[s])
-        t0 = time.perf_counter()
-        diff = diff_attention(teacher, student, task, split="ood_test", n=n_attention, batch_size=64)
-        t_res, s_res = per_model[cmp["teacher"]], per_model[cmp["student"]]
-        # Heads matched by function (their attention patterns), MLPs by relative depth.
-        comparison = compare_circuits(
-            t_res["circuit"], s_res["circuit"],
-            matching=head_matching(t_res["circuit"], s_res["circuit"], diff.matching),
-            matching_name=f"heads by attention pattern ({diff.matching_method}), MLPs by relative depth")
-        by_depth = compare_circuits(t_res["circuit"], s_res["circuit"])
-        log(f"  attention diff + circuit comparison in {time.perf_counter() - t0:.1f}s")
-        name = cmp["name"]
-        n_teacher_edges = len(comparison.shared) + len(comparison.lost)
-        per_seed.setdefault(name, []).append({
-            "seed": s, "teacher": cmp["teacher"], "student": cmp["student"],
-            "teacher_sensitivity": t_res["patching"]["sensitivity"],
-            "student_sensitivity": s_res["patching"]["sensitivity"],
-            "teacher_shortcut_attention": float(diff.teacher.shortcut_attention().nanmean()),
-            "student_shortcut_attention": float(diff.student.shortcut_attention().nanmean()),
-            "edge_survival": len(comparison.shared) / n_teacher_edges if n_teacher_edges else float("nan")})
-        if s != seeds[0]:
-            continue  # later seeds feed the intervals; figures and prose come from the first
-        figures[f"{name}__attention_heatmaps"] = viz_attention.shortcut_heatmaps(diff)
-        figures[f"{name}__patterns"] = viz_attention.pattern_figure(diff)
-        figures[f"{name}__matching"] = viz_attention.matching_figure(diff)
-        figures[f"{name}__cka"] = viz_attention.cka_figure(diff)
-        figures[f"{name}__head_patching"] = viz_patching.head_effects_figure(
-            t_res["patching"], s_res["patching"], matching=diff.matching, matching_method=diff.matching_method,
-            teacher_name=cmp["teacher"], student_name=cmp["student"])
-        figures[f"{name}__circuit"] = viz_circuits.circuit_figure(
-            t_res["circuit"], s_res["circuit"], comparison, teacher_name=cmp["teacher"], student_name=cmp["student"],
-            title=f"{name}: teacher vs student circuit")
-        faith = {k: v for k, v in (("teacher", t_res["faithfulness"]), ("student", s_res["faithfulness"]))
-                 if "error" not in v}
-        if faith:
-            figures[f"{name}__faithfulness"] = viz_circuits.faithfulness_curves(
-                {k: _Faith(v) for k, v in faith.items()}, title=f"{name}: faithfulness")
-        out_pairs.append({
-            **cmp,
-            "teacher_scores": _scores(by_id[cmp["teacher"]]), "student_scores": _scores(by_id[cmp["student"]]),
-            "teacher_patching": t_res["patching"], "student_patching": s_res["patching"],
-            "attention": diff.to_dict(), "attention_summary": diff.summary(),
-            "circuit_comparison": comparison.to_dict(),
-            "teacher_circuit_top": t_res["circuit_top"], "student_circuit_top": s_res["circuit_top"],
-            "teacher_faithfulness": t_res["faithfulness"], "student_faithfulness": s_res["faithfulness"],
-            "circuit_comparison_by_depth": by_depth.to_dict(),
-            **_findings_and_figures(cmp, t_res, s_res, diff, comparison, by_depth),
-        })
+    for (s, cmp), res in zip(todo, results):
+        for model_id, model_res in res["models"].items():
+            per_model.setdefault(model_id, model_res)
+        per_seed.setdefault(cmp["name"], []).append(res["entry"])
+        figures.update(res["figures"])
+        if res["detail"] is not None:
+            out_pairs.append({**cmp, "teacher_scores": _scores(by_id[cmp["teacher"]]),
+                              "student_scores": _scores(by_id[cmp["student"]]), **res["detail"]})
 
     over_seeds = mechanism_over_seeds(per_seed)
     analysis = {
