@@ -1,4 +1,4 @@
-"""Data with controllable shortcut features: synthetic NLI, Colored MNIST, real benchmarks.
+"""Data with controllable shortcut features: synthetic NLI, Colored MNIST and shortcut MNIST, real benchmarks.
 
 The real-benchmark loaders load on first use, so ``import circuitkd`` does not pull in
 ``datasets``. The generators are imported eagerly: their modules share the functions'
@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 
 from circuitkd.data.colored_mnist import colored_mnist
+from circuitkd.data.shortcut_mnist import shortcut_mnist
 from circuitkd.data.synthetic_nli import synthetic_nli
 from circuitkd.data.task import SPLITS, Split, Task
 from circuitkd.data.tokenizer import WordTokenizer
@@ -21,7 +22,7 @@ _LAZY = {
     "load_celeba": "circuitkd.data.loaders",
 }
 
-__all__ = ["SPLITS", "Split", "Task", "WordTokenizer", "synthetic_nli", "colored_mnist", *_LAZY]
+__all__ = ["SPLITS", "Split", "Task", "WordTokenizer", "synthetic_nli", "colored_mnist", "shortcut_mnist", *_LAZY]
 
 
 def __getattr__(name: str):
