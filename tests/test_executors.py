@@ -50,3 +50,43 @@ def test_ray_flags_without_the_ray_executor(tmp_path, capsys):
     _refused(capsys, ["run", "--quick", "--gpus-per-job", "1", "--out", str(out)], "need --executor ray", out)
     _refused(capsys, ["run", "--quick", "--executor", "ray", "--ray-address", "headnode", "--out", str(out)],
              "ExperimentCfg.ray_address must be", out)
+
+
+def _shell_commands(path, program: str) -> list[list[str]]:
+    import re
+    import shlex
+
+    text = path.read_text()
+    blocks = re.findall(r"^```bash[ \t]*\n(.*?)^```", text, flags=re.M | re.S)
+    return [shlex.split(line.split("#")[0]) for block in blocks for line in block.splitlines()
+            if line.startswith(program + " ")]
+
+
+def test_the_cluster_commands_shown_parse_and_make_a_valid_config():
+    """README's and docs/cluster.md's ``circuitkd run --executor ray`` lines use flags that exist, on
+    the README's MNLI/BERT config (the cluster itself is not here: tests/test_ray.py runs a local one)."""
+    import re
+    from pathlib import Path
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    from circuitkd.cli import build_parser
+
+    root = Path(__file__).resolve().parents[1]
+    toml = re.search(r"^```toml\n(# mnli-bert.toml.*?)^```", (root / "README.md").read_text(), flags=re.M | re.S)
+    assert toml, "README's mnli-bert.toml block is gone"
+    config = root / "mnli-bert.toml"
+    commands = [c for doc in (root / "README.md", root / "docs" / "cluster.md")
+                for c in _shell_commands(doc, "circuitkd") if "--executor" in c]
+    assert len(commands) == 2
+    for argv in commands:
+        args = build_parser().parse_args(argv[1:])
+        assert args.config == config.name and args.executor == "ray"
+        cfg = ExperimentCfg.from_dict({**tomllib.loads(toml.group(1)), "executor": args.executor,
+                                       "ray_address": args.ray_address, "cpus_per_job": args.cpus_per_job,
+                                       "gpus_per_job": args.gpus_per_job})
+        assert (cfg.task, cfg.executor, cfg.ray_address, cfg.gpus_per_job) == ("mnli", "ray", "auto", 1.0)
+    torchrun = _shell_commands(root / "docs" / "cluster.md", "python")
+    assert torchrun and torchrun[0][torchrun[0].index("-m", 3) + 1] == "circuitkd.executors"
