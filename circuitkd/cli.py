@@ -19,7 +19,8 @@ from typing import Optional, Sequence, Union
 from circuitkd.errors import CircuitKDError
 
 EPILOG = """examples:
-  circuitkd run                          the default study (train, evaluate, analyse, report)
+  circuitkd run                          the default study, both arms (train, evaluate, analyse, report)
+  circuitkd run --arm vision             the image arm alone (ViTs on MNIST with colour and cue shortcuts)
   circuitkd run --quick --out runs/q     a smoke run of a minute or two
   circuitkd run --config my.toml         a config of your own (JSON, TOML or YAML)
   circuitkd run --executor ray --ray-address auto --gpus-per-job 1   every job a task on a Ray cluster
@@ -116,32 +117,65 @@ def _load(path: str, args: argparse.Namespace):
 
 
 def _run(args: argparse.Namespace) -> int:
-    from circuitkd.experiment import load_config, run_experiment
+    from circuitkd.experiment import ARMS, arm_config_path, load_config
 
-    cfg = load_config(args.config, quick=args.quick, workers=args.workers, device=args.device,
-                      executor=args.executor, ray_address=args.ray_address, cpus_per_job=args.cpus_per_job,
-                      gpus_per_job=args.gpus_per_job)
-    if cfg.executor != "ray" and (args.ray_address or args.cpus_per_job or args.gpus_per_job is not None):
+    if args.config is not None and args.arm is not None:
+        raise CircuitKDError(f"--arm {args.arm} picks a shipped config; --config {args.config} runs that config alone: "
+                             "give one of them")
+    arms = list(ARMS) if args.config is None and args.arm in (None, "all") else [args.arm]
+    cfgs = {arm: load_config(args.config if arm is None else arm_config_path(arm), quick=args.quick,
+                             workers=args.workers, device=args.device, executor=args.executor,
+                             ray_address=args.ray_address, cpus_per_job=args.cpus_per_job,
+                             gpus_per_job=args.gpus_per_job) for arm in arms}
+    if any(cfg.executor != "ray" for cfg in cfgs.values()) and (
+            args.ray_address or args.cpus_per_job or args.gpus_per_job is not None):
         raise CircuitKDError("--ray-address, --cpus-per-job and --gpus-per-job need --executor ray")
-    out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = next(iter(cfgs.values())).name if len(cfgs) == 1 else "study"
+    out = Path(args.out) if args.out else Path("runs") / f"{name}{'-quick' if args.quick and len(cfgs) > 1 else ''}-" \
+                                                         f"{time.strftime('%Y%m%d-%H%M%S')}"
     t0 = time.perf_counter()
+    # One arm runs into --out itself; several run into --out/<arm> beside their side-by-side summary and report.
+    for arm, cfg in cfgs.items():
+        arm_out = out if len(cfgs) == 1 else out / arm
+        t_arm = time.perf_counter()
+        _run_one(cfg, arm_out, analyse=not args.no_analysis)
+        _log(f"arm {arm or cfg.name}: {time.perf_counter() - t_arm:.0f}s")
+    if len(cfgs) > 1:
+        from circuitkd.arms import write_arms_summary
+
+        _log(f"summary: {write_arms_summary(out)}")
+        if not args.no_analysis:
+            from circuitkd.report import write_report
+
+            _log(f"report: {write_report(out)}")
+    _log(f"done in {time.perf_counter() - t0:.0f}s")
+    print(out / ("summary.md" if args.no_analysis else "report.html"))
+    return 0
+
+
+def _run_one(cfg, out: Path, *, analyse: bool) -> None:
+    """One config's grid, then (with ``analyse``) its analysis stage and report, into the run folder ``out``."""
+    from circuitkd.experiment import load_task, run_experiment
+
     with contextlib.ExitStack() as stack:
         if cfg.executor == "ray":
             from circuitkd.executors import ray_cluster
 
             stack.enter_context(ray_cluster(cfg))  # joined and checked before any job starts
         run_experiment(cfg, out)
-        if not args.no_analysis:
+        if analyse:
             from circuitkd.report import write_report
             from circuitkd.study import analyse_run
 
             analysis = cfg.analysis or {}
             analyse_run(out, log=_log, **analysis)
+            from circuitkd.image_mechanisms import analyse_images, supports
+
+            if supports(load_task(cfg)):
+                analyse_images(out, n_pairs=analysis.get("n_pairs", 64), n_attention=analysis.get("n_attention", 256),
+                               log=_log)
             report = write_report(out)
             _log(f"report: {report}")
-    _log(f"done in {time.perf_counter() - t0:.0f}s")
-    print(out / ("summary.md" if args.no_analysis else "report.html"))
-    return 0
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -312,7 +346,11 @@ def build_parser() -> argparse.ArgumentParser:
                   "Train teachers (plain and debiased) and their students, evaluate them, analyse the "
                   "teacher/student pairs that matter, and write a run folder with results, summary.md and "
                   "report.html. Re-running with the same --out resumes an interrupted run.")
-    run.add_argument("--config", help="experiment config (.json, .toml or .yaml; default: the one shipped)")
+    run.add_argument("--config", help="experiment config (.json, .toml or .yaml; default: the shipped arms' configs)")
+    run.add_argument("--arm", choices=("nli", "vision", "all"),
+                     help="the study's arm: 'nli' (synthetic NLI, configs/default.json), 'vision' (shortcut MNIST on "
+                          "ViTs, configs/vision.json) or 'all' (default: both, into OUT/nli and OUT/vision with a "
+                          "side-by-side summary and report in OUT)")
     run.add_argument("--quick", action="store_true", help="smoke-run preset: one seed, few steps, small task")
     run.add_argument("--out", help="run folder (default: runs/<name>-<timestamp>)")
     run.add_argument("--workers", type=_COUNT, help="parallel training processes (overrides the config)")

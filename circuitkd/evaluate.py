@@ -9,7 +9,7 @@ from torch import Tensor
 
 from circuitkd.data.task import Split, Task
 from circuitkd.errors import CircuitKDError
-from circuitkd.models.build import class_logits, model_device, spec_of
+from circuitkd.models.build import check_image_input, class_logits, model_device, spec_of
 
 
 @torch.inference_mode()
@@ -71,6 +71,8 @@ def evaluate(model, task: Task, *, batch_size: int = 256, per_example: bool = Fa
     expected = len(mapping) if mapping is not None else task.n_classes
     if n_classes is not None and n_classes != expected:
         raise CircuitKDError(f"model has {n_classes} classes but task {task.name!r} has {task.n_classes} labels")
+    if hasattr(model, "circuitkd_spec"):
+        check_image_input(spec_of(model), task)
     id_split, ood_split = task.id_test, task.ood_test
     id_correct = predictions(model, task, id_split, batch_size=batch_size) == id_split.labels
     ood_correct = predictions(model, task, ood_split, batch_size=batch_size) == ood_split.labels

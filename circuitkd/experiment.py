@@ -35,7 +35,11 @@ from circuitkd.errors import CircuitKDError
 from circuitkd.stats import NAN_INTERVAL, Interval, bootstrap_interval, combine, verdict
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-TASKS = ("synthetic_nli", "colored_mnist", "mnli", "hans", "snli", "waterbirds", "celeba")
+TASKS = ("synthetic_nli", "colored_mnist", "shortcut_mnist", "mnli", "hans", "snli", "waterbirds", "celeba")
+#: Tasks generated in this package (the others are loaders of real benchmarks, ``data.load_<name>``).
+_GENERATED = ("synthetic_nli", "colored_mnist", "shortcut_mnist")
+#: The study's arms (``circuitkd run --arm``): each a shipped config and the ``--quick`` overrides for it.
+ARMS = {"nli": ("default.json", "quick.json"), "vision": ("vision.json", "vision_quick.json")}
 _TEXT_LOADERS = ("mnli", "hans", "snli")
 
 
@@ -44,15 +48,27 @@ def default_config() -> ExperimentCfg:
     return ExperimentCfg.from_json(CONFIG_DIR / "default.json")
 
 
-def quick_overrides() -> dict[str, Any]:
-    """The ``--quick`` preset: overrides applied on top of any config for a smoke run."""
-    return json.loads((CONFIG_DIR / "quick.json").read_text())
+def quick_overrides(task: str = "synthetic_nli") -> dict[str, Any]:
+    """The ``--quick`` preset: overrides applied on top of any config for a smoke run.
+
+    Image tasks get the vision arm's (``vision_quick.json``: ViT sizes), every other task the NLI arm's.
+    """
+    image = task in ("colored_mnist", "shortcut_mnist", "waterbirds", "celeba")
+    return json.loads((CONFIG_DIR / ARMS["vision" if image else "nli"][1]).read_text())
+
+
+def arm_config_path(arm: str) -> Path:
+    """The shipped config of the study's arm ``arm`` ("nli" or "vision")."""
+    if arm not in ARMS:
+        raise CircuitKDError(f"unknown arm {arm!r}; the study's arms are {sorted(ARMS)}")
+    return CONFIG_DIR / ARMS[arm][0]
 
 
 def load_config(path: Optional[str | Path] = None, *, quick: bool = False, **overrides: Any) -> ExperimentCfg:
     """A config from ``path`` (the default one when None), with the quick preset and ``overrides`` applied."""
     cfg = default_config() if path is None else ExperimentCfg.from_file(path)
-    changes = {**(quick_overrides() if quick else {}), **{k: v for k, v in overrides.items() if v is not None}}
+    changes = {**(quick_overrides(cfg.task) if quick else {}),
+               **{k: v for k, v in overrides.items() if v is not None}}
     if changes:
         data = {**cfg.to_dict(), **changes}
         if quick:
@@ -142,7 +158,7 @@ def _task(name: str, args_json: str):
         if tok is None:
             raise CircuitKDError(f"task {name!r} needs task_args.tokenizer (a pretrained name or folder)")
         args["tokenizer"] = _tokenizer(tok)
-    task = getattr(data, f"load_{name}" if name in TASKS[2:] else name)(**args)
+    task = getattr(data, name if name in _GENERATED else f"load_{name}")(**args)
     task.info["source"] = {"task": name, "args": json.loads(args_json)}
     return task
 
@@ -177,7 +193,7 @@ _ATTENTION_FIXES = {
 }
 
 #: The shortcut strength at which a generated task's shortcuts carry no information about the label.
-_UNCORRELATED_STRENGTH = {"synthetic_nli": 1 / 3, "colored_mnist": 0.1}
+_UNCORRELATED_STRENGTH = {"synthetic_nli": 1 / 3, "colored_mnist": 0.5, "shortcut_mnist": 0.5}
 
 
 def control_task_args(cfg: ExperimentCfg) -> Optional[dict]:
@@ -331,6 +347,13 @@ def run_experiment(cfg: ExperimentCfg, out: str | Path, *, log: Callable[[str], 
     """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     out = Path(out)
+    # A bad task (a shortcut strength outside [0, 1], a cue that does not fit) or a pretrained model that
+    # cannot read it fails here, before the folder is touched or anything is trained.
+    from circuitkd.models.build import check_spec_reads
+
+    task = load_task(cfg)
+    for role in ("teacher", "student", "assistant"):
+        check_spec_reads(_spec(cfg, role), task, f"the {role}")
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = out / "config.json"
     if cfg_path.exists():
@@ -342,7 +365,6 @@ def run_experiment(cfg: ExperimentCfg, out: str | Path, *, log: Callable[[str], 
             )
     cfg.to_json(cfg_path)
     jobs = plan(cfg)
-    load_task(cfg)  # fail early on a bad task, before any process starts
     t0 = time.perf_counter()
     rows: dict[str, dict] = {}
     n = len(jobs)

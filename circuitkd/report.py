@@ -140,16 +140,18 @@ def banner_html(results: dict[str, Any]) -> str:
             "".join(f"<li>{html.escape(line)}</li>" for line in banner) + "</ul></div>")
 
 
-def figure_anchor(name: str, kind: str) -> str:
-    """The page anchor of comparison ``name``'s figure ``kind`` (its captioned block)."""
-    return f"{_slug(name)}--{_slug(kind)}"
+def figure_anchor(name: str, kind: str, prefix: str = "") -> str:
+    """The page anchor of comparison ``name``'s figure ``kind`` (its captioned block); ``prefix``
+    keeps two arms' comparisons of the same name apart on one page."""
+    return f"{prefix}{_slug(name)}--{_slug(kind)}"
 
 
-def mechanisms_html(analysis: dict[str, Any], fig_dir: Path) -> list[str]:
+def mechanisms_html(analysis: dict[str, Any], fig_dir: Path, prefix: str = "") -> list[str]:
     """Per comparison: its findings, each linked to the figure that shows it, then the figures.
 
     ``analysis["comparisons"][i]["finding_figures"]`` names the figure kind of each finding
-    (None: no figure shows it); analyses written before it existed get no links.
+    (None: no figure shows it); analyses written before it existed get no links. ``prefix`` goes
+    in front of every anchor and figure id (one page holding several runs).
     """
     import plotly.io as pio
 
@@ -157,14 +159,14 @@ def mechanisms_html(analysis: dict[str, Any], fig_dir: Path) -> list[str]:
     for cmp in analysis["comparisons"]:
         name = cmp["name"]
         present = [k for k in FIGURE_ORDER if (fig_dir / f"{name}__{k}.json").exists()]
-        parts.append(f"<h3 id='{_slug(name)}'>{html.escape(cmp['what'])}</h3>")
+        parts.append(f"<h3 id='{prefix}{_slug(name)}'>{html.escape(cmp['what'])}</h3>")
         parts.append(f"<p class='meta'>teacher <code>{html.escape(cmp['teacher'])}</code> "
                      f"(OOD {100 * cmp['teacher_scores']['ood_acc']:.1f}%), student <code>{html.escape(cmp['student'])}"
                      f"</code> (OOD {100 * cmp['student_scores']['ood_acc']:.1f}%)</p>")
         kinds = cmp.get("finding_figures") or [None] * len(cmp["findings"])
         items = []
         for line, kind in zip(cmp["findings"], kinds):
-            link = (f" <a class='see' href='#{figure_anchor(name, kind)}'>→ {html.escape(FIGURE_TITLES[kind].lower())}</a>"
+            link = (f" <a class='see' href='#{figure_anchor(name, kind, prefix)}'>→ {html.escape(FIGURE_TITLES[kind].lower())}</a>"
                     if kind in present else "")
             items.append(f"<li>{html.escape(line)}{link}</li>")
         parts.append("<ul class='findings'>" + "".join(items) + "</ul>")
@@ -172,22 +174,47 @@ def mechanisms_html(analysis: dict[str, Any], fig_dir: Path) -> list[str]:
                      "".join(f"<li>{html.escape(x)}</li>" for x in cmp["attention_summary"]) + "</ul></details>")
         for kind in present:
             fig = pio.read_json(str(fig_dir / f"{name}__{kind}.json"))
-            parts.append(f"<div class='figure' id='{figure_anchor(name, kind)}'><h4>{html.escape(FIGURE_TITLES[kind])}"
-                         f"</h4>{_figure_html(fig, _slug(f'{name}__{kind}'))}</div>")
+            parts.append(f"<div class='figure' id='{figure_anchor(name, kind, prefix)}'><h4>"
+                         f"{html.escape(FIGURE_TITLES[kind])}</h4>"
+                         f"{_figure_html(fig, prefix + _slug(f'{name}__{kind}'))}</div>")
     return parts
 
 
-def write_report(run_dir: str | Path, *, out: Optional[str | Path] = None) -> Path:
-    """Write ``<run>/report.html`` (or ``out``) from the run folder; returns its path."""
+def _page(parts: list[str]) -> str:
     import plotly.offline
 
+    return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>circuitkd report</title>"
+            f"<style>{_CSS}</style><script type='text/javascript'>{plotly.offline.get_plotlyjs()}</script></head>"
+            "<body>" + "\n".join(parts) + "</body></html>")
+
+
+def write_report(run_dir: str | Path, *, out: Optional[str | Path] = None) -> Path:
+    """Write ``<run>/report.html`` (or ``out``) from the run folder; returns its path.
+
+    A folder of the study's arms (``circuitkd run --arm all``: ``<run>/nli``, ``<run>/vision``)
+    gets the side-by-side report of :func:`write_arms_report`.
+    """
     from circuitkd.models.checkpoint import atomic_write_text
-    from circuitkd.viz import robustness
 
     run_dir = Path(run_dir)
     results_path = run_dir / "results.json"
     if not results_path.exists():
+        from circuitkd.experiment import ARMS
+
+        if any((run_dir / arm / "results.json").is_file() for arm in ARMS):
+            return write_arms_report(run_dir, out=out)
         raise CircuitKDError(f"{run_dir} is not a finished run folder (no results.json)")
+    target = Path(out) if out is not None else run_dir / REPORT
+    atomic_write_text(target, _page(run_parts(run_dir)))
+    return target
+
+
+def run_parts(run_dir: Path, prefix: str = "") -> list[str]:
+    """The HTML blocks of one run's report (title, banner, findings, figures, mechanisms, tables);
+    ``prefix`` keeps element ids unique on a page holding several runs."""
+    from circuitkd.viz import robustness
+
+    results_path = run_dir / "results.json"
     results = json.loads(results_path.read_text())
     rows = results["results"]
     analysis_path = run_dir / "analysis" / "analysis.json"
@@ -210,28 +237,80 @@ def write_report(run_dir: str | Path, *, out: Optional[str | Path] = None) -> Pa
              f"seeds {cfg['seeds']}; budgets: teachers {cfg['teacher_steps']} steps, students {cfg['student_steps']} "
              f"steps, batch {cfg['batch_size']}.</p>"]
     parts.append(banner_html(results))
-    nav = ["<a href='#findings'>Findings</a>", "<a href='#robustness'>Robustness</a>"]
+    p = prefix
+    nav = [f"<a href='#{p}findings'>Findings</a>", f"<a href='#{p}robustness'>Robustness</a>"]
     if analysis:
-        nav.append("<a href='#mechanisms'>Mechanisms</a>")
-    nav.append("<a href='#tables'>Tables</a>")
+        nav.append(f"<a href='#{p}mechanisms'>Mechanisms</a>")
+    nav.append(f"<a href='#{p}tables'>Tables</a>")
     parts.append("<nav>" + "".join(nav) + "</nav>")
-    parts.append("<h2 id='findings'>Findings</h2><ul class='findings'>" +
+    parts.append(f"<h2 id='{p}findings'>Findings</h2><ul class='findings'>" +
                  "".join(f"<li>{html.escape(line)}</li>" for line in paper_findings(results, analysis)) + "</ul>")
-    parts.append("<h2 id='robustness'>Robustness</h2>")
+    parts.append(f"<h2 id='{p}robustness'>Robustness</h2>")
     for key, title, fig in figures:
-        parts.append(f"<div class='figure'><h3>{html.escape(title)}</h3>{_figure_html(fig, key)}</div>")
+        parts.append(f"<div class='figure'><h3>{html.escape(title)}</h3>{_figure_html(fig, p + key)}</div>")
+    image_figures = image_figures_html(run_dir, p)
+    if image_figures:
+        parts.append(f"<h2 id='{p}image-attention'>Attention over the image</h2>")
+        parts.extend(image_figures)
     if analysis:
-        parts.append("<h2 id='mechanisms'>Mechanisms: teacher vs student</h2>")
+        parts.append(f"<h2 id='{p}mechanisms'>Mechanisms: teacher vs student</h2>")
         parts.append(f"<p class='meta'>{analysis['n_pairs']} shortcut-conflict pairs (clean: shortcut absent or "
                      f"agreeing with the gold label; corrupt: one minimal edit makes it point elsewhere); metric: "
                      f"logit(gold) − logit(shortcut label); circuits by {html.escape(analysis['circuit_method'])} "
                      f"(top {analysis['top_k']} edges); attention on {analysis['n_attention']} OOD examples.</p>")
-        parts.extend(mechanisms_html(analysis, run_dir / "analysis" / "figures"))
-    parts.append("<h2 id='tables'>Tables</h2>")
+        parts.extend(mechanisms_html(analysis, run_dir / "analysis" / "figures", p))
+    parts.append(f"<h2 id='{p}tables'>Tables</h2>")
     parts.append(markdown_to_html(summary_md))
-    page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>circuitkd report</title>"
-            f"<style>{_CSS}</style><script type='text/javascript'>{plotly.offline.get_plotlyjs()}</script></head>"
-            "<body>" + "\n".join(parts) + "</body></html>")
-    target = Path(out) if out is not None else run_dir / REPORT
-    atomic_write_text(target, page)
+    return parts
+
+
+def image_figures_html(run_dir: Path, prefix: str = "") -> list[str]:
+    """The image arm's attention maps over the picture (``<run>/image_analysis/figures/*.json``,
+    written by :func:`circuitkd.image_mechanisms.analyse_images`); empty for other runs."""
+    import plotly.io as pio
+
+    fig_dir = Path(run_dir) / "image_analysis" / "figures"
+    if not fig_dir.is_dir():
+        return []
+    meta_path = fig_dir.parent / "image_analysis.json"
+    captions = json.loads(meta_path.read_text()).get("captions", {}) if meta_path.is_file() else {}
+    parts = []
+    for path in sorted(fig_dir.glob("*.json")):
+        fig = pio.read_json(str(path))
+        caption = captions.get(path.stem, path.stem.replace("__", ": ").replace("_", " "))
+        parts.append(f"<div class='figure'><h3>{html.escape(caption)}</h3>"
+                     f"{_figure_html(fig, prefix + _slug(path.stem))}</div>")
+    return parts
+
+
+def _demote(block: str) -> str:
+    """Headings one level down, so that a run's report nests under an arm's heading."""
+    for level in (5, 4, 3, 2):
+        block = re.sub(rf"<(/?)h{level}\b", rf"<\g<1>h{level + 1}", block)
+    return block
+
+
+def write_arms_report(out_dir: str | Path, *, out: Optional[str | Path] = None) -> Path:
+    """``<out_dir>/report.html`` for a folder of the study's arms: their setups, targets, verdicts and
+    headline models side by side, then each arm's own report (figures, mechanisms, tables) in full."""
+    from circuitkd.arms import arm_dirs, load_arm, side_by_side
+    from circuitkd.models.checkpoint import atomic_write_text
+
+    out_dir = Path(out_dir)
+    dirs = arm_dirs(out_dir)
+    arms = {a: load_arm(d) for a, d in dirs.items()}
+    parts = [f"<h1>circuitkd report — the {' and '.join(dirs)} arms</h1>",
+             f"<p class='meta'>Run folder <code>{html.escape(str(out_dir))}</code>; each arm is a full run folder "
+             "(" + ", ".join(f"<code>{html.escape(a)}/</code>" for a in dirs) + ") with its own report.</p>"]
+    parts.append("<nav>" + "".join(f"<a href='#arm-{a}'>Arm {html.escape(a)}</a>" for a in dirs) + "</nav>")
+    for a in dirs:
+        banner = banner_html(arms[a])
+        if banner:
+            parts.append(banner.replace("The findings of this run", f"The findings of the {html.escape(a)} arm"))
+    parts.append(markdown_to_html("\n".join(side_by_side(arms))))
+    for a, d in dirs.items():
+        parts.append(f"<h2 id='arm-{a}'>Arm <code>{html.escape(a)}</code></h2>")
+        parts.extend(_demote(block) for block in run_parts(d, prefix=f"{a}-")[1:])
+    target = Path(out) if out is not None else out_dir / REPORT
+    atomic_write_text(target, _page(parts))
     return target

@@ -78,6 +78,41 @@ def resolve_spec(spec: ModelSpec, task: Any = None) -> ModelSpec:
     return spec
 
 
+def check_image_input(spec: ModelSpec, task: Any, who: str = "model") -> None:
+    """Refuse a ViT whose input size or channel count differs from the image task's pictures.
+
+    A ViT built from config adapts to the task (:func:`resolve_spec`); a pretrained one, a checkpoint
+    or a teacher does not, and HF's patch embedding would fail mid-run or read the wrong grid.
+    """
+    if spec.backbone != "vit" or task is None or getattr(task, "modality", None) != "image":
+        return
+    split = next((s for s in task.splits.values() if len(s)), None)
+    if split is None:
+        return
+    shape = tuple(int(d) for d in split.inputs.shape[1:])
+    want = (spec.n_channels, spec.image_size, spec.image_size)
+    if shape != want:
+        raise CircuitKDError(f"{who} reads {want[0]}x{want[1]}x{want[2]} images (channels x height x width) but task "
+                             f"{task.name!r} has {shape[0]}x{shape[1]}x{shape[2]} images" if len(shape) == 3 else
+                             f"{who} reads {want[0]}x{want[1]}x{want[2]} images but task {task.name!r} has inputs of "
+                             f"shape {shape}")
+
+
+def check_spec_reads(spec: ModelSpec, task: Any, who: str = "model") -> None:
+    """Before anything is trained: refuse a pretrained ViT whose saved input size or channels differ
+    from the task's images (read from its config alone; a ViT built from config adapts to the task)."""
+    if spec.backbone != "vit" or not spec.pretrained:
+        return
+    from transformers import ViTConfig
+
+    try:
+        vc = ViTConfig.from_pretrained(spec.pretrained)
+    except (OSError, ValueError) as exc:
+        raise CircuitKDError(f"cannot read the config of pretrained ViT {spec.pretrained!r}: {exc}") from None
+    check_image_input(spec.replace(image_size=vc.image_size, n_channels=vc.num_channels, patch_size=vc.patch_size),
+                      task, f"{who} (pretrained ViT {spec.pretrained!r})")
+
+
 def build_model(spec: ModelSpec, task: Any = None, *, device: Optional[str | torch.device] = None,
                 dtype: Optional[torch.dtype] = None):
     """A fresh (or pretrained) ``TransformerBridge`` for ``spec``, in eval mode, on ``device``.
@@ -93,6 +128,7 @@ def build_model(spec: ModelSpec, task: Any = None, *, device: Optional[str | tor
         bridge, spec = _build_bert(spec, device, dtype)
     else:
         bridge, spec = _build_vit(spec, device, dtype)
+        check_image_input(spec, task, f"pretrained ViT {spec.pretrained!r}" if spec.pretrained else "the ViT")
     setattr(bridge, SPEC_ATTR, spec)
     bridge.eval()
     return bridge

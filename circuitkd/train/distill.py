@@ -37,7 +37,7 @@ from torch import Tensor
 from circuitkd.config import ModelSpec, TrainCfg
 from circuitkd.data.task import Split, Task
 from circuitkd.errors import CircuitKDError
-from circuitkd.models.build import build_model, model_device, spec_of
+from circuitkd.models.build import build_model, check_image_input, model_device, spec_of
 from circuitkd.models.checkpoint import (
     full_state_dict, is_checkpoint, load_checkpoint, load_full_state_dict, save_checkpoint,
 )
@@ -175,6 +175,7 @@ def _check_teacher_fits(teacher, task: Task) -> None:
         raise CircuitKDError(
             f"cannot distil a {t_spec.backbone!r} teacher (it reads {'images' if reads_images else 'text'}) on the "
             f"{task.modality} task {task.name!r}: train the teacher on this task first")
+    check_image_input(t_spec, task, "the teacher")
     vocab = getattr(task, "vocab_size", None)
     if not reads_images and vocab is not None and t_spec.d_vocab is not None and t_spec.d_vocab < vocab:
         raise CircuitKDError(f"teacher has d_vocab={t_spec.d_vocab} but task {task.name!r} uses {vocab} token ids: "
