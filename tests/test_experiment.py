@@ -106,7 +106,7 @@ def test_quick_preset_runs_resumes_and_cli(tmp_path, capsys):
     assert len(trained) == 1 and "student-init-group_dro-s0" in trained[0]
 
     # The CLI on the same folder: everything cached; a different config is refused.
-    assert main(["run", "--quick", "--out", str(out), "--workers", "1", "--device", "cpu"]) == 0
+    assert main(["run", "--arm", "nli", "--quick", "--out", str(out), "--workers", "1", "--device", "cpu"]) == 0
     assert str(out) in capsys.readouterr().out
-    assert main(["run", "--quick", "--out", str(out), "--workers", "2", "--device", "cpu"]) == 2
+    assert main(["run", "--arm", "nli", "--quick", "--out", str(out), "--workers", "2", "--device", "cpu"]) == 2
     assert "different config" in capsys.readouterr().err
