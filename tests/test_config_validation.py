@@ -11,8 +11,15 @@ from circuitkd.experiment import CONFIG_DIR, default_config, load_config
 def test_shipped_configs_load():
     assert default_config().methods
     assert load_config(quick=True).analysis
-    for path in CONFIG_DIR.glob("*.json"):
-        ExperimentCfg.from_file(path) if path.name == "default.json" else load_config(quick=True)
+    from circuitkd.experiment import ARMS, arm_config_path
+
+    # Every shipped config is an arm's config or its --quick overrides; each arm loads, with and without them.
+    assert sorted(p.name for p in CONFIG_DIR.glob("*.json")) == sorted(name for pair in ARMS.values() for name in pair)
+    for arm in ARMS:
+        for quick in (False, True):
+            cfg = load_config(arm_config_path(arm), quick=quick)
+            backbones = {cfg.model_spec(role).backbone for role in ("teacher", "student", "assistant")}
+            assert backbones == ({"vit"} if arm == "vision" else {"native"}), (arm, quick, backbones)
 
 
 @pytest.mark.parametrize("changes, message", [
