@@ -60,7 +60,7 @@ def run_one(args) -> dict:
         a, b = p.clean_answer[:, None], p.corrupt_answer[:, None]
 
         def metric(logits):
-            at = logits[:, 0]
+            at = logits[:, 0] if logits.ndim == 3 else logits  # HF BERT's bridge emits class logits, read at CLS
             return (at.gather(1, a) - at.gather(1, b)).mean()
 
         with torch.inference_mode():

@@ -26,6 +26,9 @@ _PRESETS: dict[str, dict[str, Any]] = {
     "bert-student": dict(backbone="bert", n_layers=2, d_model=128, n_heads=4),
     "vit-teacher": dict(backbone="vit", n_layers=4, d_model=64, n_heads=4),
     "vit-student": dict(backbone="vit", n_layers=2, d_model=64, n_heads=4),
+    # BERT-base sizes (random init unless ``pretrained`` is set): GPU benchmarks (benchmarks/gpu.sh).
+    "base": dict(backbone="native", n_layers=12, d_model=768, n_heads=12, d_mlp=3072),
+    "bert-base": dict(backbone="bert", n_layers=12, d_model=768, n_heads=12, d_mlp=3072),
 }
 
 

@@ -203,6 +203,7 @@ def run_remote(jobs: list[RemoteJob], cfg: ExperimentCfg, run_dir: str | Path, *
     failed: dict[str, BaseException] = {}
     deps_of = {j.id: j.deps for j in jobs}
     waiting: dict[Any, str] = {}  # submitted, not yet finished
+    shown = (-1, -1)  # the running and failed counts on the bar
     bar = tqdm(total=len(jobs), desc=what, unit="job", file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
     try:
         for job in jobs:
@@ -226,7 +227,9 @@ def run_remote(jobs: list[RemoteJob], cfg: ExperimentCfg, run_dir: str | Path, *
                     on_done(job_id, results[job_id])
                 bar.update(1)
             running = len(ray.get(started.started.remote()) - results.keys() - failed.keys())
-            bar.set_postfix_str(f"running {running}, failed {len(failed)}", refresh=True)
+            if (running, len(failed)) != shown:  # redrawn on a change only: a log file gets a line per change
+                shown = (running, len(failed))
+                bar.set_postfix_str(f"running {running}, failed {len(failed)}", refresh=True)
     finally:
         for ref in waiting:  # an interrupted driver stops its jobs rather than leaving them running
             ray.cancel(ref, force=True)
