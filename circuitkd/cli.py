@@ -134,12 +134,19 @@ def _run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / f"{name}{'-quick' if args.quick and len(cfgs) > 1 else ''}-" \
                                                          f"{time.strftime('%Y%m%d-%H%M%S')}"
     t0 = time.perf_counter()
-    # One arm runs into --out itself; several run into --out/<arm> beside their side-by-side summary and report.
-    for arm, cfg in cfgs.items():
-        arm_out = out if len(cfgs) == 1 else out / arm
-        t_arm = time.perf_counter()
-        _run_one(cfg, arm_out, analyse=not args.no_analysis)
-        _log(f"arm {arm or cfg.name}: {time.perf_counter() - t_arm:.0f}s")
+    with contextlib.ExitStack() as stack:
+        for cfg in cfgs.values():
+            if cfg.executor == "ray":
+                from circuitkd.executors import ray_cluster
+
+                # One cluster for every arm, joined and checked against each arm's resources before any job.
+                stack.enter_context(ray_cluster(cfg))
+        # One arm runs into --out itself; several run into --out/<arm> beside their side-by-side summary and report.
+        for arm, cfg in cfgs.items():
+            arm_out = out if len(cfgs) == 1 else out / arm
+            t_arm = time.perf_counter()
+            _run_one(cfg, arm_out, analyse=not args.no_analysis)
+            _log(f"arm {arm or cfg.name}: {time.perf_counter() - t_arm:.0f}s")
     if len(cfgs) > 1:
         from circuitkd.arms import write_arms_summary
 
@@ -161,7 +168,7 @@ def _run_one(cfg, out: Path, *, analyse: bool) -> None:
         if cfg.executor == "ray":
             from circuitkd.executors import ray_cluster
 
-            stack.enter_context(ray_cluster(cfg))  # joined and checked before any job starts
+            stack.enter_context(ray_cluster(cfg))  # the caller's cluster, or one joined here before any job
         run_experiment(cfg, out)
         if analyse:
             from circuitkd.report import write_report
