@@ -296,7 +296,9 @@ def run_job(job: Job, cfg: ExperimentCfg, run_dir: str | Path) -> dict[str, Any]
                         seed=job.seed, cfg=train_cfg, device=device, checkpoint=ckpt, desc=job.id, **kwargs)
     scores = evaluate(model, task, per_example=True)
     correct = {split: _bits(c) for split, c in scores.pop("correct").items()}
-    spec = _spec(cfg, job.role)
+    from circuitkd.models.build import spec_of
+
+    spec = spec_of(model)  # the sizes built (a pretrained model's own), not the config's defaults
     row = {
         "id": job.id, "role": job.role, "variant": job.variant, "method": job.method, "seed": job.seed,
         "alpha": job.alpha, "fix": job.fix, "temperature": None if job.role == "teacher" or job.variant in ("alone", "control")

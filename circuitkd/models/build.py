@@ -60,12 +60,14 @@ def resolve_spec(spec: ModelSpec, task: Any = None) -> ModelSpec:
                 raise CircuitKDError(
                     f"backbone {spec.backbone!r} cannot read the image task {task.name!r}; use backbone='vit'"
                 )
-            size = int(task.train.inputs.shape[-1])
-            channels = int(task.train.inputs.shape[1])
-            if spec.image_size != size:
-                changes["image_size"] = size
-            if spec.n_channels != channels:
-                changes["n_channels"] = channels
+            # A pretrained ViT's sizes come from its own config (checked against the task once read).
+            if spec.pretrained is None:
+                size = int(task.train.inputs.shape[-1])
+                channels = int(task.train.inputs.shape[1])
+                if spec.image_size != size:
+                    changes["image_size"] = size
+                if spec.n_channels != channels:
+                    changes["n_channels"] = channels
     spec = spec.replace(**changes) if changes else spec
     if spec.pretrained is None:
         # A causal native model without n_classes is a language model (d_vocab outputs).
