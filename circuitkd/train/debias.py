@@ -149,6 +149,91 @@ class Method:
     build: Callable[..., tuple[LossFn, list]]
 
 
+class Objective:
+    """A debiasing loss ``(model, batch, step) -> scalar`` together with the state it trains with.
+
+    Two kinds of state, both part of a partial checkpoint (see :func:`circuitkd.train.loop.train_loop`),
+    so an interrupted run resumes bit for bit without recomputing anything:
+
+    * ``tables``: per-example quantities fixed before the first step and indexed by
+      ``batch.index`` (bias-only probabilities ``[n, n_classes]``, the plain teacher's
+      probabilities ``[n, n_classes]``, JTT's error set ``[n]``). Computing them may train an
+      auxiliary model, so it happens once, in :meth:`prepare` (the loop calls it before the
+      first step of a fresh run; a resumed run loads them instead).
+    * ``state``: tensors the loss updates as it trains (Group DRO's group weights ``q``).
+
+    Parameters the loss trains (learned-mixin's gate) are not held here: they are returned by
+    :func:`make_objective` and the loop saves them with the optimiser state.
+    """
+
+    def __init__(self, method: str, options: DebiasCfg, n_examples: int,
+                 tables: Callable[[], dict[str, Tensor]],
+                 loss: Callable[["Objective", Any, Batch, int], Tensor],
+                 state: Optional[dict[str, Tensor]] = None):
+        self.method, self.options, self.n_examples = method, options, n_examples
+        self._compute_tables, self._loss = tables, loss
+        self.tables: Optional[dict[str, Tensor]] = None
+        self.state: dict[str, Tensor] = dict(state or {})
+
+    def prepare(self) -> None:
+        """Compute the per-example tables (once)."""
+        if self.tables is None:
+            self.tables = self._compute_tables()
+
+    def __call__(self, model, batch: Batch, step: int) -> Tensor:
+        self.prepare()
+        return self._loss(self, model, batch, step)
+
+    def _table(self, name: str) -> Tensor:
+        self.prepare()
+        if name not in self.tables:
+            raise AttributeError(f"the {self.method} objective has no {name} table")
+        return self.tables[name]
+
+    @property
+    def bias_probs(self) -> Float[Tensor, "n n_classes"]:
+        """The bias-only model's probabilities per training example."""
+        return self._table("bias_probs")
+
+    @property
+    def teacher_probs(self) -> Float[Tensor, "n n_classes"]:
+        """confreg: the plain teacher's probabilities per training example."""
+        return self._table("teacher_probs")
+
+    @property
+    def error_set(self) -> Tensor:
+        """JTT: ``Bool[n]``, the examples the identification model got wrong."""
+        return self._table("error_set")
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue training: method, options, tables and state (on CPU)."""
+        self.prepare()
+        return {"method": self.method, "options": self.options.to_dict(),
+                "tables": {k: v.detach().cpu().clone() for k, v in self.tables.items()},
+                "state": {k: v.detach().cpu().clone() for k, v in self.state.items()}}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output; a CircuitKDError when it belongs to another method or split."""
+        if not isinstance(saved, dict) or not {"method", "options", "tables", "state"} <= set(saved):
+            raise CircuitKDError(f"saved state of debiasing method {self.method!r} is damaged "
+                                 f"(keys {sorted(saved) if isinstance(saved, dict) else type(saved).__name__})")
+        if saved["method"] != self.method or saved["options"] != self.options.to_dict():
+            raise CircuitKDError(
+                f"saved training state belongs to debiasing method {saved['method']!r} with options "
+                f"{saved['options']}, not {self.method!r} with {self.options.to_dict()}"
+            )
+        tables = dict(saved["tables"])
+        wrong = {k: tuple(v.shape) for k, v in tables.items() if v.shape[0] != self.n_examples}
+        if wrong:
+            raise CircuitKDError(f"saved {self.method} tables {wrong} do not cover the {self.n_examples} "
+                                 "training examples of this run")
+        if set(saved["state"]) != set(self.state):
+            raise CircuitKDError(f"saved {self.method} state holds {sorted(saved['state'])}, "
+                                 f"expected {sorted(self.state)}")
+        self.tables = tables
+        self.state = {k: v.to(self.state[k].device, self.state[k].dtype) for k, v in saved["state"].items()}
+
+
 def _parse(name: str, options: DebiasCfg) -> tuple[str, DebiasCfg]:
     if not isinstance(name, str):
         raise CircuitKDError(f"debiasing method must be a name, got {type(name).__name__}")
@@ -176,16 +261,17 @@ def _lookup(table: Tensor, batch: Batch) -> Tensor:
     return table[batch.index.to(table.device)].to(batch.labels.device)
 
 
-def _bias_product(loss: Callable[..., Tensor], **kw) -> Callable[..., tuple[LossFn, list]]:
+def _bias_product(name: str, loss: Callable[..., Tensor], **kw) -> Callable[..., tuple[LossFn, list]]:
     def build(task, split, model, *, cfg, seed, options, teacher=None):
-        probs = _bias_probs(task, split, model, options, cfg, seed)
         extra = {k: getattr(options, v) for k, v in kw.items()}
 
-        def loss_fn(model, batch: Batch, step: int) -> Tensor:
-            return loss(batch.logits(model), batch.labels, _lookup(probs, batch), **extra)
+        def tables() -> dict[str, Tensor]:
+            return {"bias_probs": _bias_probs(task, split, model, options, cfg, seed)}
 
-        loss_fn.bias_probs = probs  # type: ignore[attr-defined]
-        return loss_fn, []
+        def loss_fn(obj: Objective, model, batch: Batch, step: int) -> Tensor:
+            return loss(batch.logits(model), batch.labels, _lookup(obj.tables["bias_probs"], batch), **extra)
+
+        return Objective(name, options, len(split), tables, loss_fn), []
 
     return build
 
@@ -214,7 +300,6 @@ def _hidden_and_logits(model, batch: Batch) -> tuple[Tensor, Tensor]:
 
 
 def _build_lmh(task, split, model, *, cfg, seed, options, teacher=None):
-    probs = _bias_probs(task, split, model, options, cfg, seed)
     d_model = spec_of(model).d_model
     gate = torch.nn.Linear(d_model, 1).to(model_device(model))
     with torch.random.fork_rng(devices=[]):
@@ -222,53 +307,57 @@ def _build_lmh(task, split, model, *, cfg, seed, options, teacher=None):
         torch.nn.init.normal_(gate.weight, std=0.02)
     torch.nn.init.zeros_(gate.bias)
 
-    def loss_fn(model, batch: Batch, step: int) -> Tensor:
+    def tables() -> dict[str, Tensor]:
+        return {"bias_probs": _bias_probs(task, split, model, options, cfg, seed)}
+
+    def loss_fn(obj: Objective, model, batch: Batch, step: int) -> Tensor:
         hidden, logits = _hidden_and_logits(model, batch)
         g = F.softplus(gate(hidden.float())).squeeze(-1)
-        return learned_mixin_h_loss(logits, batch.labels, _lookup(probs, batch), g, options.lmh_entropy_weight)
+        return learned_mixin_h_loss(logits, batch.labels, _lookup(obj.tables["bias_probs"], batch), g,
+                                    options.lmh_entropy_weight)
 
-    loss_fn.bias_probs = probs  # type: ignore[attr-defined]
-    loss_fn.gate = gate  # type: ignore[attr-defined]
-    return loss_fn, list(gate.parameters())
+    objective = Objective("learned_mixin_h", options, len(split), tables, loss_fn)
+    objective.gate = gate  # type: ignore[attr-defined]
+    return objective, list(gate.parameters())
 
 
 def _build_confreg(task, split, model, *, cfg, seed, options, teacher=None):
-    from circuitkd.evaluate import predict_logits
+    def tables() -> dict[str, Tensor]:
+        from circuitkd.evaluate import predict_logits
 
-    probs = _bias_probs(task, split, model, options, cfg, seed)
-    if teacher is None:
-        # Utama et al. distil from a plainly trained model of the same kind: train one.
-        from circuitkd.models.build import build_model
-        from circuitkd.train.loop import train_loop
+        plain = teacher
+        if plain is None:
+            # Utama et al. distil from a plainly trained model of the same kind: train one.
+            from circuitkd.models.build import build_model
+            from circuitkd.train.loop import train_loop
 
-        teacher = build_model(spec_of(model).replace(seed=seed), task, device=model_device(model))
-        train_loop(teacher, task.train, cfg.replace(checkpoint_every=0), desc="confreg: plain teacher")
-    teacher_probs = torch.softmax(predict_logits(teacher, split), dim=-1)
+            plain = build_model(spec_of(model).replace(seed=seed), task, device=model_device(model))
+            train_loop(plain, task.train, cfg.replace(checkpoint_every=0), desc="confreg: plain teacher")
+        return {"bias_probs": _bias_probs(task, split, model, options, cfg, seed),
+                "teacher_probs": torch.softmax(predict_logits(plain, split), dim=-1)}
 
-    def loss_fn(model, batch: Batch, step: int) -> Tensor:
-        return confreg_loss(batch.logits(model), batch.labels, _lookup(probs, batch), _lookup(teacher_probs, batch))
+    def loss_fn(obj: Objective, model, batch: Batch, step: int) -> Tensor:
+        return confreg_loss(batch.logits(model), batch.labels, _lookup(obj.tables["bias_probs"], batch),
+                            _lookup(obj.tables["teacher_probs"], batch))
 
-    loss_fn.bias_probs = probs  # type: ignore[attr-defined]
-    loss_fn.teacher_probs = teacher_probs  # type: ignore[attr-defined]
-    return loss_fn, []
+    return Objective("confreg", options, len(split), tables, loss_fn), []
 
 
 def _build_group_dro(task, split, model, *, cfg, seed, options, teacher=None):
     n_groups = max(len(task.group_names), int(split.groups.max()) + 1)
     device = model_device(model)
-    state = {"q": torch.full((n_groups,), 1.0 / n_groups, device=device)}
     adjustment = None
     if options.dro_adjustment:
         counts = torch.bincount(split.groups, minlength=n_groups).float().clamp_min(1.0)
         adjustment = (options.dro_adjustment / counts.sqrt()).to(device)
 
-    def loss_fn(model, batch: Batch, step: int) -> Tensor:
+    def loss_fn(obj: Objective, model, batch: Batch, step: int) -> Tensor:
         per_example = F.cross_entropy(batch.logits(model), batch.labels, reduction="none")
-        loss, state["q"] = group_dro_step(per_example, batch.groups, state["q"], options.dro_eta, adjustment)
+        loss, obj.state["q"] = group_dro_step(per_example, batch.groups, obj.state["q"], options.dro_eta, adjustment)
         return loss
 
-    loss_fn.state = state  # type: ignore[attr-defined]
-    return loss_fn, []
+    return Objective("group_dro", options, len(split), dict, loss_fn,
+                     state={"q": torch.full((n_groups,), 1.0 / n_groups, device=device)}), []
 
 
 def jtt_error_set(task, split: Split, model, *, cfg: TrainCfg, seed: int, id_frac: float) -> Tensor:
@@ -285,23 +374,24 @@ def jtt_error_set(task, split: Split, model, *, cfg: TrainCfg, seed: int, id_fra
 
 
 def _build_jtt(task, split, model, *, cfg, seed, options, teacher=None):
-    errors = jtt_error_set(task, split, model, cfg=cfg, seed=seed, id_frac=options.jtt_id_frac)
-    weights = torch.where(errors, torch.tensor(options.jtt_upweight), torch.tensor(1.0))
-    mean_weight = float(weights.mean())
+    def tables() -> dict[str, Tensor]:
+        return {"error_set": jtt_error_set(task, split, model, cfg=cfg, seed=seed, id_frac=options.jtt_id_frac)}
 
-    def loss_fn(model, batch: Batch, step: int) -> Tensor:
-        return upweighted_loss(batch.logits(model), batch.labels, _lookup(weights, batch), mean_weight)
+    def loss_fn(obj: Objective, model, batch: Batch, step: int) -> Tensor:
+        weights = torch.where(obj.tables["error_set"], torch.tensor(options.jtt_upweight), torch.tensor(1.0))
+        # E[w] over the whole split: the upsampled dataset's loss in expectation.
+        return upweighted_loss(batch.logits(model), batch.labels, _lookup(weights, batch), float(weights.mean()))
 
-    loss_fn.error_set = errors  # type: ignore[attr-defined]
-    return loss_fn, []
+    return Objective("jtt", options, len(split), tables, loss_fn), []
 
 
 METHODS: dict[str, Method] = {
-    "reweight": Method("reweight", "Clark et al. 2019; Schuster et al. 2019", True, _bias_product(reweight_loss)),
+    "reweight": Method("reweight", "Clark et al. 2019; Schuster et al. 2019", True,
+                        _bias_product("reweight", reweight_loss)),
     "poe": Method("poe", "Clark et al. 2019; He et al. 2019; Karimi Mahabadi et al. 2020", True,
-                  _bias_product(poe_loss)),
+                  _bias_product("poe", poe_loss)),
     "learned_mixin_h": Method("learned_mixin_h", "Clark et al. 2019", True, _build_lmh),
-    "focal": Method("focal", "Karimi Mahabadi et al. 2020", True, _bias_product(focal_loss, gamma="focal_gamma")),
+    "focal": Method("focal", "Karimi Mahabadi et al. 2020", True, _bias_product("focal", focal_loss, gamma="focal_gamma")),
     "confreg": Method("confreg", "Utama et al. 2020a", True, _build_confreg),
     "group_dro": Method("group_dro", "Sagawa et al. 2020", False, _build_group_dro),
     "jtt": Method("jtt", "Liu et al. 2021", False, _build_jtt),

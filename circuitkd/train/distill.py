@@ -108,6 +108,7 @@ def make_kd_loss(teacher_logits: Tensor, *, temperature: float, alpha: float,
             loss = loss + (1 - alpha) * kd_loss(memo.logits(model), target, temperature)
         return loss
 
+    loss_fn.wraps = (label_loss,)  # type: ignore[attr-defined]  # its state is resumed with the KD loss's
     return loss_fn
 
 

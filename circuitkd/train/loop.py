@@ -1,8 +1,12 @@
 """The training loop for circuitkd bridges: AdamW, linear warm-up then linear decay.
 
-Batches are drawn from a seeded generator, so a run is deterministic on CPU, and the
-loop can resume from its last checkpoint (weights, optimiser, schedule, sampler state)
-after an interruption. A non-finite loss stops it with a clear error.
+Batches are drawn from a seeded generator and the loop runs under its own seeded torch RNG
+(dropout), so a run is deterministic on CPU, and the loop can resume from its last
+checkpoint after an interruption, bit for bit: the checkpoint holds the weights, the
+optimiser, schedule, sampler and RNG states, parameters the loss trains outside the model
+(learned-mixin's gate) and the loss's own state (see :func:`loss_states`: a debiasing
+method's per-example tables and Group DRO's weights). A non-finite loss stops it with a
+clear error.
 
 Launched by ``torchrun`` (``WORLD_SIZE`` > 1), the loop trains data-parallel with PyTorch's
 ``DistributedDataParallel`` (gloo on CPU, NCCL on GPUs): every rank draws the same global
@@ -52,6 +56,19 @@ class Batch:
 
 
 LossFn = Callable[[Any, Batch, int], Tensor]
+
+
+def loss_states(loss_fn: LossFn) -> list[Any]:
+    """The parts of ``loss_fn`` that carry training state, in a fixed order.
+
+    A loss carries state when it has ``state_dict()``, ``load_state_dict(state)`` and
+    ``prepare()`` (e.g. :class:`circuitkd.train.debias.Objective`); a loss that wraps others
+    (the KD loss wraps a debiasing label loss) lists them in ``loss_fn.wraps``.
+    """
+    found = [loss_fn] if callable(getattr(loss_fn, "state_dict", None)) else []
+    for inner in getattr(loss_fn, "wraps", ()):
+        found += loss_states(inner)
+    return found
 
 
 def cross_entropy_loss(model, batch: Batch, step: int) -> Tensor:
@@ -177,10 +194,10 @@ def train_loop(model, split: Split, cfg: TrainCfg, *, loss_fn: LossFn = cross_en
         resume_dir: where the loop keeps its resumable state every ``cfg.checkpoint_every``
             steps; if it already holds state from an interrupted run, training continues from it.
         params: parameters to optimise (default: all of the model's, plus none of the loss's);
-            pass extra ones (e.g. a learned-mixin gate) here.
+            pass extra ones (e.g. a learned-mixin gate) here. Those outside the model are saved
+            with the resumable state, as is the state of every part of ``loss_fn`` that
+            :func:`loss_states` finds.
     """
-    import time
-
     device = model_device(model)
     n_classes = spec_of(model).n_classes
     if n_classes is not None and len(split):
@@ -190,6 +207,70 @@ def train_loop(model, split: Split, cfg: TrainCfg, *, loss_fn: LossFn = cross_en
                 f"dataset labels span [{int(split.labels.min())}, {hi}] but the model has {n_classes} classes"
             )
     params = list(model.parameters()) if params is None else params
+    own = {id(p) for p in model.parameters()}
+    extra_params = [p for p in params if id(p) not in own]
+    stateful = loss_states(loss_fn)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        # The loop's own RNG (dropout), seeded from the config and saved with each checkpoint.
+        torch.default_generator.manual_seed(cfg.seed)
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(cfg.seed)
+        return _train(model, split, cfg, loss_fn, resume_dir, desc, params, extra_params, stateful, device)
+
+
+def _rng_state(device: torch.device) -> dict[str, Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _resume(path: Path, cfg: TrainCfg, model, opt, sched, sampler: BatchSampler,
+            extra_params: list[torch.nn.Parameter], stateful: list[Any], device: torch.device) -> dict[str, Any]:
+    """Load the partial checkpoint at ``path`` into everything the loop trains with; returns it."""
+    state = read_checkpoint_state(path)
+    if state.get("train_cfg") != cfg.to_dict():
+        raise CircuitKDError(
+            f"resume state at {path} was written by a different training config; "
+            "delete it or train with the same config"
+        )
+    saved_extra = state.get("extra_params", [])
+    saved_loss = state.get("loss_state", [])
+    if len(saved_extra) != len(extra_params) or any(a.shape != b.shape for a, b in zip(saved_extra, extra_params)):
+        raise CircuitKDError(
+            f"resume state at {path} holds {len(saved_extra)} parameters outside the model but this run trains "
+            f"{len(extra_params)} (another debiasing method wrote it); delete it or train with the same method"
+        )
+    if len(saved_loss) != len(stateful):
+        raise CircuitKDError(
+            f"resume state at {path} holds the state of {len(saved_loss)} stateful losses but this run's loss has "
+            f"{len(stateful)} (another debiasing method wrote it); delete it or train with the same method"
+        )
+    load_full_state_dict(model, state["model"])
+    with torch.no_grad():
+        for p, saved in zip(extra_params, saved_extra):
+            p.copy_(saved)
+    for part, saved in zip(stateful, saved_loss):
+        try:
+            part.load_state_dict(saved)
+        except CircuitKDError as exc:
+            raise CircuitKDError(f"resume state at {path}: {exc}; delete it or train with the same method") from None
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    sampler.load(state["sampler"])
+    if "rng" in state:
+        torch.set_rng_state(state["rng"]["cpu"])
+        if device.type == "cuda" and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+    return state
+
+
+def _train(model, split: Split, cfg: TrainCfg, loss_fn: LossFn, resume_dir, desc: str,
+           params: list[torch.nn.Parameter], extra_params: list[torch.nn.Parameter], stateful: list[Any],
+           device: torch.device) -> TrainResult:
+    import time
+
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     sampler = BatchSampler(len(split), cfg.batch_size, cfg.seed)
@@ -197,22 +278,15 @@ def train_loop(model, split: Split, cfg: TrainCfg, *, loss_fn: LossFn = cross_en
     start = 0
     resume_path = Path(resume_dir) if resume_dir is not None else None
     if resume_path is not None and is_checkpoint(resume_path):
-        state = read_checkpoint_state(resume_path)
-        if state.get("train_cfg") != cfg.to_dict():
-            raise CircuitKDError(
-                f"resume state at {resume_path} was written by a different training config; "
-                "delete it or train with the same config"
-            )
-        load_full_state_dict(model, state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        sampler.load(state["sampler"])
+        state = _resume(resume_path, cfg, model, opt, sched, sampler, extra_params, stateful, device)
         result.losses = list(state["losses"])
         start = result.resumed_from = int(state["step"])
+    else:
+        for part in stateful:
+            part.prepare()
 
     rank, world = init_distributed()
     forward_model = model
-    extra_params: list[torch.nn.Parameter] = []
     if world > 1:
         import torch.distributed as dist
 
@@ -221,8 +295,6 @@ def train_loop(model, split: Split, cfg: TrainCfg, *, loss_fn: LossFn = cross_en
                 f"batch_size={cfg.batch_size} does not split evenly over {world} processes; "
                 f"use a multiple of {world}"
             )
-        own = {id(p) for p in model.parameters()}
-        extra_params = [p for p in params if id(p) not in own]
         forward_model = _ddp_class()(model, device_ids=[device.index] if device.type == "cuda" else None,
                                      find_unused_parameters=True)
 
@@ -248,7 +320,7 @@ def train_loop(model, split: Split, cfg: TrainCfg, *, loss_fn: LossFn = cross_en
                 )
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            for p in extra_params:
+            for p in extra_params if world > 1 else ():
                 # Parameters outside the model (a learned-mixin gate) are not DDP's: average them here.
                 if p.grad is not None:
                     dist.all_reduce(p.grad)
@@ -266,6 +338,8 @@ def train_loop(model, split: Split, cfg: TrainCfg, *, loss_fn: LossFn = cross_en
                 save_checkpoint(model, resume_path, extra_state={
                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "sampler": sampler.state(),
                     "step": done, "losses": result.losses, "train_cfg": cfg.to_dict(),
+                    "extra_params": [p.detach().cpu().clone() for p in extra_params],
+                    "loss_state": [part.state_dict() for part in stateful], "rng": _rng_state(device),
                 })
     finally:
         bar.close()
