@@ -239,6 +239,12 @@ def _bits(correct) -> str:
     return "".join("1" if c else "0" for c in correct.tolist())
 
 
+def _where(cfg: ExperimentCfg) -> str:
+    if cfg.executor == "ray":
+        return f"Ray tasks of {cfg.cpus_per_job} CPU(s) and {cfg.gpus_per_job:g} GPU(s)"
+    return f"{cfg.workers} worker(s)"
+
+
 def finished_row(job: Job, run_dir: str | Path) -> Optional[dict[str, Any]]:
     """``job``'s result row (marked ``skipped``) when its checkpoint and metrics exist, else None."""
     from circuitkd.models.checkpoint import is_checkpoint
@@ -376,7 +382,7 @@ def run_experiment(cfg: ExperimentCfg, out: str | Path, *, log: Callable[[str], 
         log(f"[{len(rows)}/{n}] {row['id']:<28} ood {row['ood_acc']:.3f}  worst-group "
             f"{row['worst_group_acc']:.3f}  ({what}; {time.perf_counter() - t0:.0f}s elapsed)")
 
-    log(f"circuitkd run {cfg.name!r}: {n} models, {len(cfg.seeds)} seed(s), {cfg.workers} worker(s) -> {out}")
+    log(f"circuitkd run {cfg.name!r}: {n} models, {len(cfg.seeds)} seed(s), {_where(cfg)} -> {out}")
     if cfg.executor == "ray":
         from circuitkd.executors import run_grid
 
@@ -800,7 +806,7 @@ def render_summary(cfg: ExperimentCfg, summary: dict[str, Any]) -> str:
         f"bootstrap over seeds and test examples ({cfg.n_boot} resamples).")
     if "wall_seconds" in summary:
         out.append(f"\nWall time: {summary['wall_seconds']:.0f} s ({summary['wall_seconds'] / 60:.1f} min) with "
-                   f"{cfg.workers} worker(s); summed training time {summary.get('train_seconds', 0):.0f} s.")
+                   f"{_where(cfg)}; summed training time {summary.get('train_seconds', 0):.0f} s.")
     if summary.get("targets"):
         out += ["", "## Targets", "", "Controls train the same models on the task with every shortcut uncorrelated "
                 "with the label. Means over seeds.", ""]
