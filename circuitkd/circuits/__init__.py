@@ -26,7 +26,7 @@ from typing import Callable, Optional
 
 import torch
 
-from circuitkd.circuits.acdc import acdc
+from circuitkd.circuits.acdc import acdc, acdc_sweep
 from circuitkd.circuits.base import ABLATIONS, check_pairs
 from circuitkd.circuits.clean_corrupted import clean_corrupted
 from circuitkd.circuits.compare import CircuitComparison, compare_circuits
@@ -138,6 +138,6 @@ def discover(model, pairs: PromptPairs, method: str = "eap-ig", metric=None, *, 
 __all__ = [
     "ComponentGraph", "Circuit", "METHODS", "register", "discover", "build_graph", "exact", "eap", "eap_ig",
     "eap_ig_activations", "clean_corrupted", "mask_gradient_ig",
-    "acdc", "faithfulness", "FaithfulnessResult", "MIB_FRACTIONS", "validate_post_ln", "patched_forward",
+    "acdc", "acdc_sweep", "faithfulness", "FaithfulnessResult", "MIB_FRACTIONS", "validate_post_ln", "patched_forward",
     "source_values", "logit_diff", "compare_circuits", "CircuitComparison",
 ]

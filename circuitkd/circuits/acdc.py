@@ -84,6 +84,22 @@ class _Evaluator:
         return total / self.n
 
 
+def _candidate_groups(graph: ComponentGraph, valid: torch.Tensor) -> list[list[tuple]]:
+    """The cells ACDC tries, in order: one group per reader from the output back (latest source
+    first), per reader and position on per-position graphs; at node level one group, latest first."""
+    groups = []
+    if graph.level == "node":
+        cells = [tuple(c) for c in valid.nonzero().tolist()]
+        groups.append(sorted(cells, key=lambda c: c[-1], reverse=True))
+    else:
+        for r in reversed(range(graph.n_readers)):
+            sources = [s for s in reversed(range(graph.n_sources)) if bool(graph.valid[s, r])]
+            positions = range(graph.n_pos) if graph.per_position else [None]
+            for p in positions:
+                groups.append([(s, r) if p is None else (p, s, r) for s in sources])
+    return groups
+
+
 def acdc(model, pairs: PromptPairs, *, metric: Metric, graph: ComponentGraph, ablation: str = "corrupt",
          batch_size: int = 64, threshold: float = 0.01, criterion: str = "kl",
          candidates_per_forward: int = 32, mean_values: Optional[torch.Tensor] = None) -> Circuit:
@@ -100,19 +116,7 @@ def acdc(model, pairs: PromptPairs, *, metric: Metric, graph: ComponentGraph, ab
     scores = torch.zeros(shape)
     current = float(evaluate(keep[None])[0])
 
-    # Candidate groups: one per reader (per reader and position on per-position graphs); node level: one group.
-    groups = []
-    if node_level:
-        cells = [tuple(c) for c in valid.nonzero().tolist()]
-        groups.append(sorted(cells, key=lambda c: c[-1], reverse=True))
-    else:
-        for r in reversed(range(graph.n_readers)):
-            sources = [s for s in reversed(range(graph.n_sources)) if bool(graph.valid[s, r])]
-            positions = range(graph.n_pos) if graph.per_position else [None]
-            for p in positions:
-                groups.append([(s, r) if p is None else (p, s, r) for s in sources])
-
-    for cand in groups:
+    for cand in _candidate_groups(graph, valid):
         # Adaptive batch: a rejection wastes the prefixes after it, so grow the batch while removals
         # are accepted and fall back to one candidate after a rejection.
         width = 1
@@ -141,3 +145,54 @@ def acdc(model, pairs: PromptPairs, *, metric: Metric, graph: ComponentGraph, ab
     return Circuit(graph, scores, keep, method="acdc",
                    info={"ablation": ablation, "threshold": threshold, "criterion": criterion,
                          "n_pairs": len(pairs), "forwards": evaluate.forwards, "final_value": current})
+
+
+def acdc_sweep(model, pairs: PromptPairs, *, metric: Metric, graph: ComponentGraph, thresholds,
+               ablation: str = "corrupt", batch_size: int = 64, criterion: str = "kl",
+               mean_values: Optional[torch.Tensor] = None) -> list[Circuit]:
+    """:func:`acdc` at every threshold in ``thresholds``, sharing the work between them.
+
+    Each threshold's run is the plain sequential algorithm, exactly (same candidates, same order,
+    same decisions, same scores as ``acdc(threshold=t)``). The runs share one evaluator (the clean
+    and corrupt caches and the native runner's projections) and advance in lockstep: runs whose
+    circuits are still identical are one *state*, every candidate is tried on every distinct state
+    in one batched forward, and a state splits only when a candidate's damage falls between its
+    thresholds. A sweep therefore costs one forward per candidate edge, with at most
+    ``len(thresholds)`` copies, instead of a whole ACDC run per threshold.
+    Returns one :class:`Circuit` per threshold, in the order given.
+    """
+    if criterion not in CRITERIA:
+        raise CircuitKDError(f"unknown ACDC criterion {criterion!r}; expected one of {CRITERIA}")
+    thresholds = [float(t) for t in thresholds]
+    if not thresholds:
+        raise CircuitKDError("acdc_sweep needs at least one threshold")
+    evaluate = _Evaluator(model, graph, pairs, metric, criterion, ablation, batch_size, mean_values)
+    valid = torch.ones(graph.shape, dtype=torch.bool) if graph.level == "node" else graph.valid.expand(graph.shape).clone()
+    start = float(evaluate(valid[None])[0])
+    # a state: [keep mask, scores, current criterion value, indices of the thresholds in it]
+    states = [[valid.clone(), torch.zeros(graph.shape), start, list(range(len(thresholds)))]]
+    for cand in _candidate_groups(graph, valid):
+        for cell in cand:
+            trials = torch.stack([st[0] for st in states])
+            trials[(slice(None),) + tuple(cell)] = False
+            values = evaluate(trials)
+            for st, value in zip(list(states), values.tolist()):
+                damage = value - st[2]
+                st[1][cell] = damage
+                removed = [i for i in st[3] if damage < thresholds[i]]
+                if not removed:
+                    continue
+                if len(removed) < len(st[3]):  # the runs part here: the removing ones become a new state
+                    st[3] = [i for i in st[3] if i not in removed]
+                    st = [st[0].clone(), st[1].clone(), st[2], removed]
+                    states.append(st)
+                st[0][cell] = False
+                st[2] = value
+    out: list[Optional[Circuit]] = [None] * len(thresholds)
+    for keep, scores, current, members in states:
+        for i in members:
+            out[i] = Circuit(graph, scores.clone(), keep.clone(), method="acdc",
+                             info={"ablation": ablation, "threshold": thresholds[i], "criterion": criterion,
+                                   "n_pairs": len(pairs), "forwards": evaluate.forwards, "final_value": current,
+                                   "sweep": len(thresholds)})
+    return out

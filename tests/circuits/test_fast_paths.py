@@ -39,3 +39,39 @@ def test_native_exact_equals_hooked_one_edge_at_a_time(monkeypatch, kind, positi
     # every kind of reader (q, k, v of both layers, both MLPs, the output) carries real effects
     assert (slow.scores.abs() > 1e-4).sum() > g.n_edges // 3
     assert fast.info["clean_metric"] == pytest.approx(slow.info["clean_metric"], abs=1e-5)
+
+
+@pytest.mark.parametrize("kind,criterion", [("causal", "kl"), ("native", "metric"), ("bert", "kl")])
+def test_acdc_sweep_equals_one_acdc_run_per_threshold(kind, criterion):
+    from .conftest import build
+
+    model = build(kind)
+    pairs = text_pairs(position=7) if kind == "causal" else text_pairs()
+    g = C.ComponentGraph.from_model(model)
+    thresholds = [0.5, 1e-3, 3e-2, 1e-2, 3e-3, 0.1, 1e-4, 1e-5]  # none at a float-noise knife edge (0)
+    sweep = C.acdc_sweep(model, pairs, metric=C.logit_diff, graph=g, thresholds=thresholds, criterion=criterion)
+    sizes = []
+    for t, got in zip(thresholds, sweep):
+        ref = C.acdc(model, pairs, metric=C.logit_diff, graph=g, threshold=t, criterion=criterion,
+                     candidates_per_forward=1)
+        assert got.info["threshold"] == t
+        assert torch.equal(got.mask, ref.mask), t
+        torch.testing.assert_close(got.scores, ref.scores, atol=1e-5, rtol=1e-4)
+        assert got.info["final_value"] == pytest.approx(ref.info["final_value"], abs=1e-5)
+        sizes.append(int(got.mask.sum()))
+    if kind != "bert":  # the scaled-up BERT's KL damages all exceed these thresholds: one state throughout
+        assert len(set(sizes)) >= 3  # the thresholds really part ways
+    # one forward per candidate edge (plus the full circuit), however many thresholds
+    assert sweep[0].info["forwards"] == int(g.valid.sum()) + 1
+
+
+def test_acdc_sweep_refuses_bad_input():
+    from circuitkd.errors import CircuitKDError
+    from .conftest import build
+
+    model = build("native")
+    g = C.ComponentGraph.from_model(model)
+    with pytest.raises(CircuitKDError, match="criterion"):
+        C.acdc_sweep(model, text_pairs(), metric=C.logit_diff, graph=g, thresholds=[0.1], criterion="l2")
+    with pytest.raises(CircuitKDError, match="threshold"):
+        C.acdc_sweep(model, text_pairs(), metric=C.logit_diff, graph=g, thresholds=[])
