@@ -77,7 +77,7 @@ def test_arms_side_by_side(vision_run, quick_run, tmp_path):
     # Two arms' comparisons of the same name keep apart: no element id appears twice.
     import re
 
-    ids = re.findall(r"id=['\"]([^'\"]+)['\"]", page)
+    ids = re.findall(r"<(?:div|h\d)\b[^>]*\bid=['\"]([^'\"]+)['\"]", page)  # elements, not plotly.js's source
     assert len(ids) == len(set(ids))
 
 
