@@ -91,6 +91,19 @@ def _exact_colors(labels: Tensor, p_aligned: float, rng: np.random.Generator) ->
     return colors
 
 
+def other_class_images(labels: Tensor, labels_all: Tensor, pool: Tensor, rng: np.random.Generator) -> Tensor:
+    """``Int[n]``: for each binary label, the index of a random image of ``pool`` with the other label
+    (the corrupt side of a label-flip pair)."""
+    out = torch.empty_like(labels)
+    pool_np, pool_labels = pool.numpy(), labels_all[pool].numpy()
+    for y in (0, 1):
+        rows = torch.nonzero(labels == y).flatten()
+        others = pool_np[pool_labels == 1 - y]
+        picks = rng.choice(others, size=len(rows), replace=len(rows) > len(others))
+        out[rows] = torch.as_tensor(picks, dtype=torch.long)
+    return out
+
+
 def _make_split(grey: Tensor, labels: Tensor, colors: Tensor) -> Split:
     return Split(
         inputs=colorize(grey, colors),
@@ -180,13 +193,7 @@ def colored_mnist(seed: int = 0, strength: float = 0.9, ood: str = "reversed", n
             corrupt_labels = clean_labels
             corrupt_colors = 1 - clean_colors
         else:
-            corrupt_idx = torch.empty_like(clean_idx)
-            pool_labels = labels_all[held_out].numpy()
-            for y in (0, 1):
-                rows = torch.nonzero(clean_labels == y).flatten()
-                others = pool[pool_labels == 1 - y]
-                picks = pair_rng.choice(others, size=len(rows), replace=len(rows) > len(others))
-                corrupt_idx[rows] = torch.as_tensor(picks, dtype=torch.long)
+            corrupt_idx = other_class_images(clean_labels, labels_all, held_out, pair_rng)
             corrupt_labels = labels_all[corrupt_idx]
             corrupt_colors = clean_colors
         return PromptPairs(

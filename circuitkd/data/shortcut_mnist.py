@@ -37,7 +37,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from circuitkd.data.colored_mnist import LABEL_NAMES, _mnist, stroke_mask
+from circuitkd.data.colored_mnist import LABEL_NAMES, _mnist, other_class_images, stroke_mask
 from circuitkd.data.task import Split, Task
 from circuitkd.errors import CircuitKDError
 from circuitkd.types import PromptPairs
@@ -227,13 +227,7 @@ def shortcut_mnist(seed: int = 0, strength: float = 0.9, color_rate: float = 0.5
         if flip == "shortcut":
             corrupt_idx, corrupt_gold, shortcut = clean_idx, gold, 1 - gold
         else:
-            corrupt_idx = torch.empty_like(clean_idx)
-            pool_labels = labels_all[held_out].numpy()
-            for y in (0, 1):
-                rows = torch.nonzero(gold == y).flatten()
-                others = pool[pool_labels == 1 - y]
-                picks = pair_rng.choice(others, size=len(rows), replace=len(rows) > len(others))
-                corrupt_idx[rows] = torch.as_tensor(picks, dtype=torch.long)
+            corrupt_idx = other_class_images(gold, labels_all, held_out, pair_rng)
             corrupt_gold, shortcut = labels_all[corrupt_idx], gold
         none = torch.full_like(gold, -1)
 
