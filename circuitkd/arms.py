@@ -154,6 +154,14 @@ def render_arms_summary(out: str | Path) -> str:
              "summary, analysis and report; this page puts them side by side.", ""]
     lines += side_by_side(arms)
     for a, d in dirs.items():
+        image = d / "image_analysis" / "image_analysis.json"
+        if image.is_file():
+            lines += [f"## Which heads carry each shortcut (arm `{a}`)", "",
+                      "Per model: the heads whose clean output, patched into the run where only that shortcut is "
+                      "flipped, restores most of logit(gold) − logit(shortcut's label) (effect in logits), and their "
+                      "attention from CLS to the shortcut's patches.", ""]
+            lines += [f"- {line}" for line in json.loads(image.read_text()).get("lines", [])] + [""]
+    for a, d in dirs.items():
         own = (d / SUMMARY).read_text() if (d / SUMMARY).is_file() else ""
         lines += [f"## Arm `{a}` in full ({a}/summary.md)", ""]
         # Demote the arm's headings one level so they nest under this page's.

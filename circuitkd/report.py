@@ -273,8 +273,14 @@ def image_figures_html(run_dir: Path, prefix: str = "") -> list[str]:
     if not fig_dir.is_dir():
         return []
     meta_path = fig_dir.parent / "image_analysis.json"
-    captions = json.loads(meta_path.read_text()).get("captions", {}) if meta_path.is_file() else {}
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    captions = meta.get("captions", {})
     parts = []
+    if meta.get("lines"):
+        parts.append("<p class='meta'>Which heads carry each shortcut: the heads whose clean output, patched into "
+                     "the run where only that shortcut is flipped, restores most of logit(gold) − logit(shortcut's "
+                     "label), with their attention from CLS to the shortcut's patches.</p><ul class='findings'>" +
+                     "".join(f"<li>{html.escape(line)}</li>" for line in meta["lines"]) + "</ul>")
     for path in sorted(fig_dir.glob("*.json")):
         fig = pio.read_json(str(path))
         caption = captions.get(path.stem, path.stem.replace("__", ": ").replace("_", " "))

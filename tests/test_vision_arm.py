@@ -58,6 +58,7 @@ def test_image_mechanisms_and_pictures(vision_run):
     assert len(cue_map.z) == 4 and len(cue_map.z[0]) == 4
     html = (vision_run / "report.html").read_text()
     assert "Attention over the image" in html and "plain__attention_color" in html.replace("-", "_")
+    assert "Which heads carry each shortcut" in html and "cue (flip lowers the logit difference by" in html
 
 
 def test_arms_side_by_side(vision_run, quick_run, tmp_path):
@@ -72,6 +73,7 @@ def test_arms_side_by_side(vision_run, quick_run, tmp_path):
     assert "| target | nli | vision |" in md and "| finding | nli | vision |" in md
     assert "## Arm `nli` in full" in md and "## Arm `vision` in full" in md
     assert "`synthetic_nli`" in md and "`shortcut_mnist`" in md
+    assert "## Which heads carry each shortcut (arm `vision`)" in md and "color (flip lowers" in md
     page = write_report(out).read_text()
     assert "id='arm-nli'" in page and "id='arm-vision'" in page
     # Two arms' comparisons of the same name keep apart: no element id appears twice.
