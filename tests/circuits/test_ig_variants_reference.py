@@ -143,8 +143,8 @@ def test_variants_are_chunk_invariant_and_discoverable_on_every_backbone(model_a
     kind, model, pairs = model_and_pairs
     graph = C.ComponentGraph.from_model(model)
     for fn in (C.eap_ig_activations, C.mask_gradient_ig):
-        whole = fn(model, pairs, metric=C.logit_diff, graph=graph, steps=3)
-        chunked = fn(model, pairs, metric=C.logit_diff, graph=graph, steps=3, steps_per_forward=1, batch_size=3)
+        whole = fn(model, pairs, metric=C.logit_diff, graph=graph, steps=2)
+        chunked = fn(model, pairs, metric=C.logit_diff, graph=graph, steps=2, steps_per_forward=1, batch_size=3)
         torch.testing.assert_close(whole.scores, chunked.scores, atol=1e-5, rtol=1e-4)
         assert whole.scores.abs().max() > 1e-4
     cc = C.clean_corrupted(model, pairs, metric=C.logit_diff, graph=graph)
@@ -152,8 +152,9 @@ def test_variants_are_chunk_invariant_and_discoverable_on_every_backbone(model_a
         noise = C.eap(model, pairs, metric=C.logit_diff, graph=graph).scores
         denoise = C.eap(model, pairs, metric=C.logit_diff, graph=graph, direction="denoising").scores
         torch.testing.assert_close(cc.scores, (noise - denoise) / 2, atol=1e-5, rtol=1e-4)
-    for method in ("eap-ig-activations", "clean-corrupted", "mask-gradient-ig"):
-        circuit = C.discover(model, pairs, method, top_k=5, check_post_ln=False)
+    for method, options in (("eap-ig-activations", {"steps": 2}), ("clean-corrupted", {}),
+                            ("mask-gradient-ig", {"steps": 2})):
+        circuit = C.discover(model, pairs, method, top_k=5, check_post_ln=False, **options)
         assert circuit.method == method and circuit.n_edges == 5
 
 
