@@ -5,6 +5,10 @@ against ``circuitkd.patch(site="head_pos")`` on the same model and inputs, in on
 checks the results agree, and prints the ratio and both peak memories (CUDA peak
 allocation on a GPU; on CPU the peak traced by tracemalloc is not meaningful for torch,
 so the peak resident set growth measured in a fresh subprocess per method is reported).
+Repeats are interleaved (TransformerLens, circuitkd, then the other way round) and each time is
+the minimum, so load on a shared machine falls on both. On CPU each circuitkd row also gives the
+FLOPs it executed (``torch.utils.flop_counter``, an untimed second call) over its time, beside
+the best ``torch.matmul`` rate of the model's shapes measured in the same run.
 It also reports attribution patching's time and its correlation with exact patching.
 
     python benchmarks/patching.py                       # student and teacher, CPU, 1 thread
@@ -68,15 +72,24 @@ def run_one(args) -> dict:
             import tqdm.auto  # noqa: F401  (TL's progress bar; silenced below)
             out = tlp.get_act_patch_attn_head_out_by_pos(model, p.corrupt, cache, metric)
         result = out.permute(0, 2, 1)  # [layer pos head] -> [layer head pos]
-    elif args.method == "attribution":
-        result = ckd.attribution_patch(model, pairs, site="head_pos", normalise=False, batch_size=args.batch_size)
     else:
-        result = patch(model, pairs, site="head_pos", normalise=False, method=args.method, batch_size=args.batch_size)
+        def call():
+            if args.method == "attribution":
+                return ckd.attribution_patch(model, pairs, site="head_pos", normalise=False,
+                                             batch_size=args.batch_size)
+            return patch(model, pairs, site="head_pos", normalise=False, method=args.method,
+                         batch_size=args.batch_size)
+        result = call()
     if dev.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else _peak_rss_mb() - rss0
-    return {"seconds": seconds, "peak_mb": peak, "result": result.float().cpu().tolist()}
+    out = {"seconds": seconds, "peak_mb": peak, "result": result.float().cpu().tolist()}
+    if args.flops and args.method != "tl":  # the same call again, untimed, under torch's FLOP counter
+        from _common import count_flops
+
+        out["flops"] = count_flops(call)
+    return out
 
 
 def _rss_mb() -> float:
@@ -95,11 +108,11 @@ def _peak_rss_mb() -> float:
     return 0.0
 
 
-def measure(model: str, method: str, args) -> dict:
+def measure(model: str, method: str, args, flops: bool = False) -> dict:
     """Run one method in a fresh subprocess so that its peak memory is its own."""
     cmd = [sys.executable, __file__, "--_one", "--model", model, "--method", method, "--n", str(args.n),
            "--pos", str(args.pos), "--threads", str(args.threads), "--device", args.device,
-           "--batch-size", str(args.batch_size)]
+           "--batch-size", str(args.batch_size)] + (["--flops"] if flops else [])
     env = dict(os.environ, TQDM_DISABLE="1")
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
@@ -116,12 +129,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--repeats", type=int, default=1, help="time each method this many times, report the best")
+    ap.add_argument("--repeats", type=int, default=2, help="interleaved repeats; each time is the best")
     ap.add_argument("--no-attribution", action="store_true")
     # internal: run a single method
     ap.add_argument("--_one", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", default="student", help=argparse.SUPPRESS)
     ap.add_argument("--method", default="fast", help=argparse.SUPPRESS)
+    ap.add_argument("--flops", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._one:
         print(json.dumps(run_one(args)))
@@ -130,20 +144,39 @@ def main() -> None:
 
     print(f"head x position patching, {args.n} pairs x {args.pos} tokens, device={args.device}, "
           f"threads={args.threads}, batch_size={args.batch_size}")
+    torch.set_num_threads(args.threads)
     for model in args.models.split(","):
-        best = lambda m: min((measure(model, m, args) for _ in range(args.repeats)), key=lambda r: r["seconds"])  # noqa: E731
-        tl = best("tl")
+        methods = ["tl", *args.methods.split(",")]
+        best: dict = {}
+        for r in range(args.repeats):  # interleaved (TL, circuitkd, ... then reversed): load falls on both
+            for m in (methods if r % 2 == 0 else methods[::-1]):
+                res = measure(model, m, args, flops=(r == 0 and m != "tl" and args.device == "cpu"))
+                if m in best:
+                    res.setdefault("flops", best[m].get("flops"))
+                best[m] = res if m not in best or res["seconds"] < best[m]["seconds"] else best[m]
+        tl = best["tl"]
         tl_res = torch.tensor(tl["result"])
-        print(f"\n[{model}] transformer_lens.patching: {tl['seconds']:.2f} s, peak {tl['peak_mb']:.1f} MB "
+        if args.device == "cpu":
+            from _common import matmul_peak
+
+            cfg = build(model, "cpu").cfg
+            rows, d = min(args.n, args.batch_size) * args.pos, int(cfg.d_model)
+            peak, _ = matmul_peak([(rows, d, d), (rows, d, 3 * d), (rows, d, int(cfg.d_mlp or 4 * d))])
+            print(f"\n[{model}] matmul peak of the model's shapes (this run, {args.threads} thread): {peak:.1f} GFLOP/s")
+        print(f"[{model}] transformer_lens.patching: {tl['seconds']:.2f} s, peak {tl['peak_mb']:.1f} MB "
               f"({tl_res.numel()} patched forwards)")
         exact = None
         for method in args.methods.split(","):
-            r = best(method)
+            r = best[method]
             res = torch.tensor(r["result"])
             exact = res
             err = (res - tl_res).abs().max().item()
+            rate = ""
+            if r.get("flops"):
+                gfs = r["flops"] / r["seconds"] / 1e9
+                rate = f", {r['flops'] / 1e9:.2f} GFLOP executed, {gfs:.2f} GFLOP/s ({gfs / peak:.1%} of peak)"
             print(f"[{model}] circuitkd {method:8s}: {r['seconds']:.2f} s, peak {r['peak_mb']:.1f} MB, "
-                  f"speed-up x{tl['seconds'] / r['seconds']:.1f}, max |diff| vs TL {err:.1e}")
+                  f"speed-up x{tl['seconds'] / r['seconds']:.1f} (target x10), max |diff| vs TL {err:.1e}{rate}")
         if not args.no_attribution:
             a = measure(model, "attribution", args)
             ares = torch.tensor(a["result"])
