@@ -182,3 +182,47 @@ def test_job_of_two_gpus_trains_under_torchrun(tmp_path):
         # (up to float summation order): the same accuracies.
         for metric in ("id_acc", "ood_acc", "worst_group_acc"):
             assert row[metric] == pytest.approx(expected[job_id][metric], abs=0.01), (job_id, metric)
+
+
+KILLED_DRIVER = """
+import sys
+import ray
+from circuitkd.experiment import load_config, run_experiment
+ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+run_experiment(load_config(quick=True, executor="ray"), sys.argv[1], log=print)
+"""
+
+
+def test_killed_driver_leaves_no_half_written_file(quick_run, ray_local, tmp_path):
+    from circuitkd.models.checkpoint import is_checkpoint, verify_checkpoint
+
+    out = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    driver = subprocess.Popen([sys.executable, "-c", KILLED_DRIVER, str(out)], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and len(list((out / "metrics").glob("*.json"))) < 3:
+        assert driver.poll() is None, "the driver ended before it could be killed"
+        time.sleep(0.2)
+    driver.kill()  # SIGKILL: no finally, no atexit
+    driver.wait()
+    time.sleep(15)  # its cluster's processes go with it; nothing may still be writing after that
+
+    def snapshot() -> dict:
+        return {p.relative_to(out).as_posix(): p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+
+    before = snapshot()
+    time.sleep(10)
+    assert snapshot() == before, "a worker of the killed driver is still writing"
+    models = [p for p in (out / "models").iterdir() if not p.name.startswith(".")]
+    assert models
+    for model in models:  # a model folder is complete or absent
+        assert is_checkpoint(model), model
+        verify_checkpoint(model)
+    for metrics in (out / "metrics").glob("*.json"):
+        json.loads(metrics.read_text())
+    assert not (out / "results.json").exists()
+
+    # The same run again (on this process's cluster) finishes it with the local executor's numbers.
+    run_experiment(load_config(quick=True, executor="ray"), out, log=lambda *_: None)
+    assert _numbers(out, analysis=False) == _numbers(quick_run, analysis=False)
