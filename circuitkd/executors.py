@@ -94,7 +94,7 @@ def _init(ray, address: str) -> None:
         kwargs.update(include_dashboard=False, log_to_driver=False)
     try:
         ray.init(address=address or None, **kwargs)
-    except Exception as exc:  # Ray raises ConnectionError, RuntimeError, ValueError, or a bare Exception (node start timeout)
+    except Exception as exc:  # ConnectionError, RuntimeError, ValueError, or a bare Exception (node start timeout)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         what = f"connect to the Ray cluster at {where!r}" if where and where != "local" else "start a local Ray"
         raise CircuitKDError(f"cannot {what}: {first}") from None
