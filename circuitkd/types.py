@@ -96,6 +96,10 @@ class PromptPairs:
             if value.dim() == 0:
                 raise CircuitKDError(f"{name} must be [batch pos] token ids or [batch channel height width] pixels, "
                                      "got a scalar")
+            if not value.is_floating_point() and value.dtype != torch.long:
+                # uint8 ids would index an embedding as a boolean mask; every integer dtype becomes long ids.
+                value = value.long()
+                setattr(self, name, value)
             if value.numel() == 0:
                 continue
             if value.is_floating_point():
@@ -103,6 +107,9 @@ class PromptPairs:
                     raise CircuitKDError(f"{name} pixels hold non-finite values (NaN or inf)")
             elif int(value.min()) < 0:
                 raise CircuitKDError(f"{name} holds negative token id {int(value.min())}")
+        if self.clean.is_floating_point() != self.corrupt.is_floating_point():
+            raise CircuitKDError(f"clean and corrupt must both be token ids or both pixels, got dtypes "
+                                 f"{self.clean.dtype} and {self.corrupt.dtype}")
         n = self.clean.shape[0]
         for name in ("clean_answer", "corrupt_answer"):
             value = getattr(self, name)
