@@ -84,8 +84,8 @@ def _grid(image: Tensor, panels: dict[str, Tensor], *, zmid_zero: bool, colorbar
 
 
 def head_attention_grid(image: Float[Tensor, "channel height width"],
-                        teacher_maps: Float[Tensor, "layer head rows cols"],
-                        student_maps: Float[Tensor, "layer head rows cols"], *, teacher_name: str = "teacher",
+                        teacher_maps: Float[Tensor, "t_layer t_head rows cols"],
+                        student_maps: Float[Tensor, "s_layer s_head rows cols"], *, teacher_name: str = "teacher",
                         student_name: str = "student", title: str = "CLS attention per head") -> go.Figure:
     """Every head's attention from CLS to each patch, drawn over the image (stroke pixels as dots)."""
     return _grid(image, {"teacher": teacher_maps, "student": student_maps}, zmid_zero=False,
