@@ -24,7 +24,9 @@ and EAP, exact and mask-gradient IG also against auto-circuit's scores. GFLOP/s 
 circuitkd method executed (``torch.utils.flop_counter``) over its time, beside the best
 ``torch.matmul`` rate of the model's shapes measured in this run. ``--memory`` adds each
 method's peak resident memory as the prompts grow 128 -> 1,024 (fresh process per point) and
-the least-squares slope.
+the least-squares slope, with a fixed batch (``--memory-batch``, 128 pairs): methods that reduce
+as they stream stay flat; ACDC keeps every batch's clean and corrupt caches for its many
+evaluations, so it grows.
 """
 from __future__ import annotations
 
@@ -141,7 +143,7 @@ def ig_methods() -> list[str]:
     return [name for name, fn in C.METHODS.items() if "steps" in inspect.signature(fn).parameters]
 
 
-def acdc_sweep(model, pairs, graph, thresholds, **options):
+def acdc_sweep(model, pairs, graph, thresholds, batch_size=None, **options):
     """circuitkd's ACDC at every threshold: one ``acdc_sweep`` call where the package has it
     (work shared across thresholds), else one ``acdc`` call per threshold."""
     import circuitkd.circuits as C
@@ -149,21 +151,23 @@ def acdc_sweep(model, pairs, graph, thresholds, **options):
 
     if hasattr(C, "acdc_sweep"):
         return C.acdc_sweep(model, pairs, metric=logit_diff, graph=graph, thresholds=thresholds,
-                            batch_size=len(pairs), **options)
-    return [C.acdc(model, pairs, metric=logit_diff, graph=graph, threshold=t, batch_size=len(pairs), **options)
+                            batch_size=batch_size or len(pairs), **options)
+    return [C.acdc(model, pairs, metric=logit_diff, graph=graph, threshold=t, batch_size=batch_size or len(pairs),
+                   **options)
             for t in thresholds]
 
 
-def circuitkd_fn(row: str, model, pairs, graph, steps: int):
-    """A zero-argument callable running circuitkd's method for ``row`` on the whole workload."""
+def circuitkd_fn(row: str, model, pairs, graph, steps: int, batch_size=None):
+    """A zero-argument callable running circuitkd's method for ``row`` on the whole workload
+    (``batch_size`` pairs per batch; default all of them)."""
     import circuitkd.circuits as C
     from circuitkd.metrics import logit_diff
 
-    n = len(pairs)
+    n = batch_size or len(pairs)
     if row == "eap":
         return lambda: C.eap(model, pairs, metric=logit_diff, graph=graph, batch_size=n).scores
     if row == "acdc":
-        return lambda: acdc_sweep(model, pairs, graph, ACDC_THRESHOLDS)
+        return lambda: acdc_sweep(model, pairs, graph, ACDC_THRESHOLDS, batch_size=n)
     if row == "exact":
         return lambda: C.exact(model, pairs, metric=logit_diff, graph=graph, batch_size=n).scores
     fn = C.METHODS[row]
@@ -215,23 +219,26 @@ def time_once(fn) -> tuple[float, object]:
     return time.perf_counter() - start, out
 
 
-def memory_point(row: str, n: int, steps: int) -> float:
-    """Peak resident growth (MB) of circuitkd's ``row`` on ``n`` pairs, in this (fresh) process."""
+def memory_point(row: str, n: int, steps: int, batch_size: int) -> float:
+    """Peak resident growth (MB) of circuitkd's ``row`` on ``n`` pairs in batches of ``batch_size``,
+    in this (fresh) process."""
     model, pairs = setup(n)
     import circuitkd.circuits as C
 
     graph = C.ComponentGraph.from_model(model)
-    return peak_rss_growth_mb(circuitkd_fn(row, model, pairs, graph, steps))
+    return peak_rss_growth_mb(circuitkd_fn(row, model, pairs, graph, steps, batch_size))
 
 
-def memory_table(rows: list[str], ns: list[int], steps: int, threads: int) -> None:
-    print(f"\npeak resident memory added by each circuitkd method (MB; fresh process per point, {threads} thread)")
+def memory_table(rows: list[str], ns: list[int], steps: int, threads: int, batch_size: int) -> None:
+    print(f"\npeak resident memory added by each circuitkd method as the prompts grow (MB; batches of "
+          f"{batch_size} pairs; fresh process per point, {threads} thread)")
     print(f"{'method':<24}" + "".join(f"{n:>9}" for n in ns) + "   slope (MB per 1,000 prompts)")
     for row in rows:
         vals = []
         for n in ns:
             out = subprocess.run([sys.executable, __file__, "--_memory", row, "--n", str(n), "--steps", str(steps),
-                                  "--threads", str(threads)], capture_output=True, text=True)
+                                  "--threads", str(threads), "--memory-batch", str(batch_size)],
+                                 capture_output=True, text=True)
             if out.returncode != 0:
                 raise SystemExit(out.stderr[-3000:])
             vals.append(float(out.stdout.strip().splitlines()[-1]))
@@ -248,16 +255,21 @@ def main() -> None:
     ap.add_argument("--venv", type=Path, default=DEFAULT_VENV, help="the peer venv (benchmarks/peers_venv.py)")
     ap.add_argument("--acdc-check", type=int, default=4, help="thresholds checked against ACDC's slow reference")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--memory-only", action="store_true", help="only the memory table (no peer, no timing)")
     ap.add_argument("--memory-ns", default="128,256,512,1024")
+    ap.add_argument("--memory-batch", type=int, default=128, help="pairs per batch in the memory table")
     ap.add_argument("--_memory", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args._memory:
-        print(memory_point(args._memory, args.n, args.steps))
+        print(memory_point(args._memory, args.n, args.steps, args.memory_batch))
         return
     import circuitkd.circuits as C
 
     rows = args.rows.split(",") if args.rows else ["eap", *ig_methods(), "acdc", "exact"]
+    if args.memory_only:
+        memory_table(rows, [int(x) for x in args.memory_ns.split(",")], args.steps, args.threads, args.memory_batch)
+        return
     peer_of = {row: ("ig" if row in ig_methods() else row) for row in rows}
     if not ready(args.venv):
         raise SystemExit(f"no peer venv at {args.venv}: run python benchmarks/peers_venv.py first")
@@ -330,7 +342,7 @@ def run(args, rows, peer_of, model, pairs, graph, tmp: Path) -> None:
           "|d| slow ref: max |circuitkd - its one-at-a-time reference| "
           f"(ACDC: masks equal and scores on {args.acdc_check} thresholds); |d| peer: vs auto-circuit's scores.")
     if not args.no_memory:
-        memory_table(rows, [int(x) for x in args.memory_ns.split(",")], args.steps, args.threads)
+        memory_table(rows, [int(x) for x in args.memory_ns.split(",")], args.steps, args.threads, args.memory_batch)
 
 
 if __name__ == "__main__":

@@ -55,8 +55,12 @@ class _Evaluator:
         # a copy ablates an edge into (same logits as patched_forward; see NativeEdgeRunner).
         self.runners = None
         if _NATIVE_RUNNER and native_edge_supported(model, graph) and not pairs.clean.is_floating_point():
+            from circuitkd.patching import read_positions, readout
             self.runners = [NativeEdgeRunner(model, graph, bv.pairs.clean, bv.pairs.attention_mask, bv.clean,
                                              bv.replacement) for bv in self.batches]
+            # the runner computes only the read positions in the last layer: [batch] and the clean run there
+            self.read_pos = [read_positions(model, bv.pairs, bv.pairs.clean.shape[1]) for bv in self.batches]
+            self.clean_read = [readout(bv.clean.logits, r) for bv, r in zip(self.batches, self.read_pos)]
 
     def __call__(self, keep: torch.Tensor) -> torch.Tensor:
         K = keep.shape[0]
@@ -65,9 +69,11 @@ class _Evaluator:
         for i, bv in enumerate(self.batches):
             B = len(bv.pairs)
             w = (~keep).float().to(bv.replacement.device)
+            clean_logits = bv.clean.logits
             with torch.no_grad():
                 if self.runners is not None:
-                    run = _Logits(self.runners[i].logits(w))
+                    run = _Logits(self.runners[i].logits(w, self.read_pos[i]))
+                    clean_logits = self.clean_read[i]
                 elif node_level:
                     run = patched_forward(self.model, self.graph, bv.pairs.clean, bv.pairs.attention_mask,
                                           node_ablate=w, replacement=bv.replacement)
@@ -76,9 +82,9 @@ class _Evaluator:
                                           ablate=w, replacement=bv.replacement, norm_scales=bv.clean.norm_scales)
             big = expand_pairs(bv.pairs, K)
             if self.criterion == "kl":
-                value = evaluate_metric(KLToClean(), run.logits, big, bv.clean.logits)
+                value = evaluate_metric(KLToClean(), run.logits, big, clean_logits)
             else:
-                value = -evaluate_metric(self.metric, run.logits, big, bv.clean.logits)
+                value = -evaluate_metric(self.metric, run.logits, big, clean_logits)
             total += value.double().view(K, B).sum(1).cpu()
             self.forwards += 1
         return total / self.n

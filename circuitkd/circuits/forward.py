@@ -57,7 +57,16 @@ def _norm_sigma(module, x: Tensor) -> Tensor:
 
 def source_values(model, graph: ComponentGraph, inputs: Tensor,
                   attention_mask: Optional[Tensor] = None) -> SourceValues:
-    """One plain forward recording every source's output (and post-LN norm scales)."""
+    """One plain forward recording every source's output (and post-LN norm scales).
+
+    On native pre-LN models with token inputs the forward runs on the weights without hooks
+    (:class:`circuitkd.patching.NativeExecutor`, equal to the bridge to float rounding); elsewhere
+    through the bridge's hooks.
+    """
+    if _NATIVE_SOURCES and not graph.post_ln and not inputs.is_floating_point():
+        from circuitkd.patching import fast_path_supported
+        if fast_path_supported(model):
+            return _native_source_values(model, graph, inputs, attention_mask)
     store: dict = {}
     fwd = []
 
@@ -86,6 +95,26 @@ def source_values(model, graph: ComponentGraph, inputs: Tensor,
             for norm in ("ln1", "ln2"):
                 scales[(layer, norm)] = _norm_sigma(hooks.norm_module(model, layer, norm), store[(norm, layer)])
     return SourceValues(torch.cat(parts, 2), logits.detach(), scales)
+
+
+# Record source values with the hook-free native forward where supported; tests turn it off to compare.
+_NATIVE_SOURCES = True
+
+
+def _native_source_values(model, graph: ComponentGraph, inputs: Tensor,
+                          attention_mask: Optional[Tensor]) -> SourceValues:
+    from circuitkd.patching import NativeExecutor
+
+    ex = NativeExecutor(model)
+    with torch.no_grad():
+        c = ex.run(inputs, attention_mask, torch.zeros(inputs.shape[0], dtype=torch.long, device=inputs.device))
+        parts = [c.resid_pre[0][:, :, None]]
+        for layer in range(graph.n_layers):
+            parts.append(torch.einsum("bphd,hdm->bphm", c.z[layer], ex.layers[layer]["W_O"]))
+            if graph.has_mlp:
+                parts.append(c.mlp_out[layer][:, :, None])
+        logits = ex.logits(c.resid_post[-1])
+    return SourceValues(torch.cat(parts, 2).detach(), logits.detach(), {})
 
 
 @dataclass
@@ -463,10 +492,13 @@ class NativeEdgeRunner:
         active = ((ablate != 0) & self.g.valid.to(ablate.device)).flatten(0, 1).any(0)
         return int(self.reader_layer[active].min()) if bool(active.any()) else self.g.n_layers
 
-    def _delta(self, ablate: Tensor, Dk: Optional[Tensor], S0: int, readers, s_avail: int) -> Tensor:
-        """``[K R B*P*d]``: each reader's ``sum_s w[k, s, r] (replacement_s - current_s)`` (readers: slice or index)."""
+    def _delta(self, ablate: Tensor, Dk: Optional[Tensor], S0: int, readers, s_avail: int,
+               D0: Optional[Tensor] = None) -> Tensor:
+        """``[K R B*P*d]``: each reader's ``sum_s w[k, s, r] (replacement_s - current_s)`` (readers: slice or index;
+        ``D0``: the clean-run differences, ``self.D0`` or their read positions)."""
+        D0 = self.D0 if D0 is None else D0
         wT = ablate[:, :s_avail][:, :, readers].to(self.D0.dtype).transpose(1, 2)  # [K R s]
-        out = torch.matmul(wT[:, :, :S0], self.D0[:S0].flatten(1))
+        out = torch.matmul(wT[:, :, :S0], D0[:S0].flatten(1))
         if Dk is not None:
             out = out + torch.matmul(wT[:, :, S0:], Dk)
         return out
@@ -485,10 +517,20 @@ class NativeEdgeRunner:
         return (proj / sigma).view(R, K * B, P, -1) + sh["c"]
 
     @torch.no_grad()
-    def logits(self, ablate: Tensor) -> Tensor:
-        """Logits ``[K*B pos vocab]`` (copy-major) for ``ablate`` ``[K source reader]`` (no gradients)."""
+    def logits(self, ablate: Tensor, read_pos: Optional[Tensor] = None) -> Tensor:
+        """Logits ``[K*B pos vocab]`` (copy-major) for ``ablate`` ``[K source reader]`` (no gradients).
+
+        With ``read_pos`` (``Int[batch]``) only each example's read position is computed in the last
+        layer (its query, its attention row, its output; keys and values still at every position)
+        and ``[K*B vocab]`` logits there are returned.
+        """
         g, ex = self.g, self.ex
         K, B, P, d, H = ablate.shape[0], self.B, self.P, self.d, g.n_heads
+        D0, rep = self.D0, self.rep
+        ar = torch.arange(B, device=self.D0.device)
+
+        def at_read(t: Tensor, lead: int) -> Tensor:  # [*lead, B*P*d] or [*lead, B, P, d] -> [*lead, B*d]
+            return t.reshape(*t.shape[:lead], B, P, d)[(slice(None),) * lead + (ar, read_pos)].flatten(lead)
         L0 = self.start_layer(ablate)
         S0 = g.n_sources_before("head", L0) if L0 < g.n_layers else g.n_sources
         x = self.streams[L0][None].expand(K, B, P, d)
@@ -512,23 +554,35 @@ class NativeEdgeRunner:
                     qkv[:, idx] = torch.matmul(inp, W[idx]) + b[idx]
                 qkv = qkv.view(K, H, 3, B * P, -1).permute(1, 2, 0, 3, 4).reshape(H, 3, K * B, P, -1)
             q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # [H N P e]
+            if read_pos is not None and layer == g.n_layers - 1:
+                # last layer: from here on only the read positions (P -> 1) reach the output
+                q = q.reshape(H, K, B, P, -1)[:, :, ar, read_pos].reshape(H, K * B, 1, -1)
+                rows = self.blocked.expand(1, B, P, P)[0, ar, read_pos][None, :, None]  # [1 B 1 P]
+                blocked = rows.repeat(1, K, 1, 1) if K > 1 else rows
+                x, D0, rep = at_read(x, 1).view(K, B, 1, d), at_read(D0, 1), at_read(rep, 1)
+                Dk = at_read(Dk, 2) if Dk is not None else None
+                P = 1
             pattern = masked_softmax(torch.matmul(q, k.transpose(-1, -2)) / ex.scale, blocked)
             z = torch.matmul(pattern, v)  # [H N P e]
             heads = torch.matmul(z.reshape(H, K * B * P, -1), wts["W_O"])  # [H N*P d]
             mid = x + (heads.sum(0) + wts["b_O"]).view(K, B, P, d)
             hs = g.source_slice("head", layer)
-            diff = (self.rep[hs].reshape(H, 1, B * P * d) - heads.view(H, K, B * P * d)).transpose(0, 1)
+            diff = (rep[hs].reshape(H, 1, B * P * d) - heads.view(H, K, B * P * d)).transpose(0, 1)
             Dk = diff if Dk is None else torch.cat([Dk, diff], 1)
             if g.has_mlp:
                 mr = g.reader_slice("mlp", layer)
-                h = mid + self._delta(ablate, Dk, S0, mr, g.n_sources_before("mlp", layer)).view(K, B, P, d)
+                h = mid + self._delta(ablate, Dk, S0, mr, g.n_sources_before("mlp", layer), D0).view(K, B, P, d)
                 h = ex.act(F.linear(ex.ln(h, p["ln2"]), p["fc_in"].weight, p["fc_in"].bias))
                 out = F.linear(h, p["fc_out"].weight, p["fc_out"].bias)
                 x = mid + out
                 ms = g.source_slice("mlp", layer)
-                diff = self.rep[ms].reshape(1, 1, B * P * d) - out.reshape(K, 1, B * P * d)
+                diff = rep[ms].reshape(1, 1, B * P * d) - out.reshape(K, 1, B * P * d)
                 Dk = torch.cat([Dk, diff], 1)
             else:
                 x = mid
-        final = x + self._delta(ablate, Dk, S0, g.reader_slice("output"), g.n_sources).view(K, B, P, d)
+        if read_pos is not None and P > 1:  # nothing ablated inside the blocks: read the final stream
+            x, D0, P = at_read(x, 1).view(K, B, 1, d), at_read(D0, 1), 1
+        final = x + self._delta(ablate, Dk, S0, g.reader_slice("output"), g.n_sources, D0).view(K, B, P, d)
+        if read_pos is not None:
+            return ex.logits(final).reshape(K * B, -1)
         return ex.logits(final).reshape(K * B, P, -1)

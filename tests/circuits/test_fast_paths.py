@@ -75,3 +75,26 @@ def test_acdc_sweep_refuses_bad_input():
         C.acdc_sweep(model, text_pairs(), metric=C.logit_diff, graph=g, thresholds=[0.1], criterion="l2")
     with pytest.raises(CircuitKDError, match="threshold"):
         C.acdc_sweep(model, text_pairs(), metric=C.logit_diff, graph=g, thresholds=[])
+
+
+@pytest.mark.parametrize("kind", ["native", "causal"])
+def test_native_edge_runner_read_positions_equal_its_full_logits(kind):
+    """ACDC's runner computing only the read positions in the last layer equals its full logits there."""
+    from circuitkd.circuits.base import batches
+    from circuitkd.circuits.forward import NativeEdgeRunner
+    from circuitkd.patching import read_positions
+
+    torch.manual_seed(0)
+    model = build_model(SPECS[kind], device="cpu")
+    pairs = _padded(text_pairs(position=-1 if kind == "causal" else 0))
+    g = C.ComponentGraph.from_model(model)
+    (bv,) = batches(model, g, pairs, batch_size=64)
+    runner = NativeEdgeRunner(model, g, bv.pairs.clean, bv.pairs.attention_mask, bv.clean, bv.replacement)
+    read = read_positions(model, bv.pairs, bv.pairs.clean.shape[1])
+    gen = torch.Generator().manual_seed(2)
+    for start in [0, g.reader_slice("head", 1).start, g.reader_slice("mlp", 1).start, g.reader_slice("output").start]:
+        w = (torch.rand((3,) + g.shape, generator=gen) < 0.4).float()
+        w[..., :start] = 0
+        full = runner.logits(w)
+        got = runner.logits(w, read)
+        torch.testing.assert_close(got, full[torch.arange(full.shape[0]), read.repeat(3)], atol=1e-5, rtol=1e-5)
