@@ -341,12 +341,18 @@ _FLAGS = {
 _SWITCHES = {"--quick", "--no-analysis", "--all", "--raw"}
 
 
+_JSON_VALUES = st.one_of(st.sampled_from(["{bad", "[1]", '{"bogus": 1}', '{"d_model": "wide"}', '{"seed": -1}',
+                                          '{"n_train": 0}', '{"strength": 2}', "null", '"x"', "{}", '{"n_layers": 1e9}']),
+                         st.text(max_size=6))
+
+
 @st.composite
 def argvs(draw):
     command = draw(st.sampled_from(sorted(_FLAGS)))
     argv = [command]
     for flag in draw(st.lists(st.sampled_from(_FLAGS[command] + ["--bogus"]), max_size=4, unique=True)):
-        argv += [flag] if flag in _SWITCHES else [flag, draw(_flag_value())]
+        value = _JSON_VALUES if flag in ("--spec", "--task-args") else _flag_value()
+        argv += [flag] if flag in _SWITCHES else [flag, draw(value)]
     return command, argv
 
 
@@ -361,7 +367,7 @@ def cli_world(tmp_path_factory):
     return root
 
 
-@settings(max_examples=60, **FUZZ)
+@settings(max_examples=100, **FUZZ)
 @given(case=argvs(), where=st.sampled_from(["model", "missing"]))
 def test_fuzz_cli_arguments(cli_world, capsys, monkeypatch, case, where):
     import circuitkd.cli as cli
