@@ -226,3 +226,30 @@ def test_killed_driver_leaves_no_half_written_file(quick_run, ray_local, tmp_pat
     # The same run again (on this process's cluster) finishes it with the local executor's numbers.
     run_experiment(load_config(quick=True, executor="ray"), out, log=lambda *_: None)
     assert _numbers(out, analysis=False) == _numbers(quick_run, analysis=False)
+
+
+def test_a_job_starts_after_the_jobs_it_needs_and_failures_name_their_dependents(ray_local, tmp_path):
+    from circuitkd.config import ExperimentCfg
+    from circuitkd.errors import CircuitKDError
+    from circuitkd.executors import RemoteJob, run_remote
+
+    def make(path: str, seconds: float) -> float:
+        time.sleep(seconds)
+        Path(path).write_text("made")
+        return seconds
+
+    def read(path: str) -> str:  # FileNotFoundError when it runs before the job that makes the file
+        return Path(path).read_text()
+
+    def boom() -> None:
+        raise ValueError("boom")
+
+    cfg = ExperimentCfg(executor="ray")
+    made = str(tmp_path / "made")
+    # Two CPUs: without the dependency, "b" would start beside "a" and find nothing.
+    jobs = [RemoteJob("a", make, (made, 3.0)), RemoteJob("b", read, (made,), deps=("a",))]
+    assert run_remote(jobs, cfg, tmp_path) == {"a": 3.0, "b": "made"}
+    jobs = [RemoteJob("x", boom), RemoteJob("y", read, (made,), deps=("x",)), RemoteJob("z", read, (made,))]
+    with pytest.raises(CircuitKDError, match=r"^2 of 3 jobs failed .*: x: ValueError: boom; y \(needs x\)$"):
+        run_remote(jobs, cfg, tmp_path)
+    assert "ValueError: boom" in (tmp_path / "logs" / "x.log").read_text()
