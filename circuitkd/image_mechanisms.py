@@ -132,20 +132,13 @@ def analyse_images(run_dir: str | Path, *, n_pairs: int = 64, n_attention: int =
     type, head and head × patch patching, and CLS attention to the shortcut's patches. Figures
     come from the first seed.
     """
-    from circuitkd.config import ExperimentCfg
-    from circuitkd.experiment import load_task
     from circuitkd.models import load_checkpoint
     from circuitkd.models.checkpoint import atomic_write_dir
-    from circuitkd.study import comparisons
+    from circuitkd.study import comparisons, load_finished_run
     from circuitkd.viz import image_maps
 
     run_dir = Path(run_dir)
-    results_path = run_dir / "results.json"
-    if not results_path.exists():
-        raise CircuitKDError(f"{run_dir} is not a finished run folder (no results.json)")
-    results = json.loads(results_path.read_text())
-    cfg = ExperimentCfg.from_dict(results["config"])
-    task = load_task(cfg)
+    results, cfg, task = load_finished_run(run_dir)
     if task.modality != "image":
         raise CircuitKDError(f"run {run_dir} is on the {task.modality} task {task.name!r}, not an image task")
     missing = [b for b in task.bias_types if b not in SHORTCUT_CLASS]

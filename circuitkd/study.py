@@ -182,6 +182,19 @@ def analyse_pair(run_dir: str | Path, cfg, seed: int, cmp: dict[str, str], *, n_
     return out
 
 
+def load_finished_run(run_dir: str | Path) -> tuple[dict[str, Any], Any, Any]:
+    """``(results.json's dict, its ExperimentCfg, the task rebuilt from it)`` of a finished run folder."""
+    from circuitkd.config import ExperimentCfg
+    from circuitkd.experiment import load_task
+
+    results_path = Path(run_dir) / "results.json"
+    if not results_path.exists():
+        raise CircuitKDError(f"{run_dir} is not a finished run folder (no results.json)")
+    results = json.loads(results_path.read_text())
+    cfg = ExperimentCfg.from_dict(results["config"])
+    return results, cfg, load_task(cfg)
+
+
 def analyse_run(run_dir: str | Path, *, n_pairs: int = 96, n_attention: int = 256,
                 circuit_method: str = "eap-ig", circuit_kwargs: Optional[dict] = None, top_k: int = 20,
                 batch_size: int = 32, seed: Optional[int] = None, device: Optional[str] = None,
@@ -192,19 +205,12 @@ def analyse_run(run_dir: str | Path, *, n_pairs: int = 96, n_attention: int = 25
     (models shared between pairs are analysed once), or as Ray tasks when the run's config says
     ``executor: "ray"`` (see :mod:`circuitkd.executors`).
     """
-    from circuitkd.config import ExperimentCfg
-    from circuitkd.experiment import load_task
     from circuitkd.models.checkpoint import atomic_write_dir
 
     run_dir = Path(run_dir)
-    results_path = run_dir / "results.json"
-    if not results_path.exists():
-        raise CircuitKDError(f"{run_dir} is not a finished run folder (no results.json)")
-    results = json.loads(results_path.read_text())
-    cfg = ExperimentCfg.from_dict(results["config"])
+    results, cfg, task = load_finished_run(run_dir)
     rows = results["results"]
     by_id = {r["id"]: r for r in rows}
-    task = load_task(cfg)
     seeds = [seed] if seed is not None else list(cfg.seeds)
     todo = [(s, cmp) for s in seeds for cmp in comparisons(cfg, rows, seed=s)]
     if not todo:
