@@ -2,9 +2,9 @@
 
 A first-order estimate of every edge's patching effect from two forwards and one backward
 per batch: ``score(src -> dst) = (replacement_src - base_src) . d metric / d input_dst``,
-summed over positions and averaged over pairs. ``direction="noising"`` (default) takes the
+summed over positions and averaged over pairs. ``direction="noise"`` (default) takes the
 gradient on the clean run and estimates ``metric(edge ablated) - metric(clean)``;
-``direction="denoising"`` takes it on the corrupt run with ``clean - corrupt`` differences
+``direction="denoise"`` takes it on the corrupt run with ``clean - corrupt`` differences
 (TransformerLens' ``attribution_patch`` convention).
 """
 from __future__ import annotations
@@ -18,9 +18,8 @@ from circuitkd.circuits.forward import patched_forward
 from circuitkd.circuits.graph import HEAD_PORTS, Circuit, ComponentGraph
 from circuitkd.errors import CircuitKDError
 from circuitkd.metrics import Metric, evaluate_metric
-from circuitkd.types import PromptPairs
+from circuitkd.types import Direction, PromptPairs
 
-DIRECTIONS = ("noising", "denoising")
 
 
 def scores_from_gradients(graph: ComponentGraph, deltas: dict, grads: dict, n_heads: int) -> torch.Tensor:
@@ -53,17 +52,16 @@ def scores_from_gradients(graph: ComponentGraph, deltas: dict, grads: dict, n_he
 
 
 def eap(model, pairs: PromptPairs, *, metric: Metric, graph: ComponentGraph, ablation: str = "corrupt",
-        batch_size: int = 32, direction: str = "noising", mean_values: Optional[torch.Tensor] = None) -> Circuit:
+        batch_size: int = 32, direction: Direction | str = Direction.NOISE, mean_values: Optional[torch.Tensor] = None) -> Circuit:
     """EAP edge scores: one clean (or corrupt) forward + backward and one other forward per batch."""
-    if direction not in DIRECTIONS:
-        raise CircuitKDError(f"unknown direction {direction!r}; expected one of {DIRECTIONS}")
+    direction = Direction.parse(direction)
     if graph.level != "edge":
         raise CircuitKDError("EAP scores edges; use method='exact' for a node-level graph")
-    if direction == "denoising" and ablation != "corrupt":
+    if direction is Direction.DENOISE and ablation != "corrupt":
         raise CircuitKDError("denoising EAP patches clean activations into the corrupt run: ablation must be 'corrupt'")
     total, n = None, 0
     for bv in batches(model, graph, pairs, batch_size=batch_size, ablation=ablation, mean_values=mean_values):
-        if direction == "noising":
+        if direction is Direction.NOISE:
             base, base_vals, rep = bv.pairs.clean, bv.clean, bv.replacement
         else:
             base, base_vals, rep = bv.pairs.corrupt, bv.corrupt, bv.clean.outputs

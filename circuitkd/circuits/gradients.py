@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from circuitkd.circuits.base import BatchValues, expand_pairs
+from circuitkd.circuits.base import BatchValues
 from circuitkd.circuits.forward import patched_forward
 from circuitkd.circuits.graph import ComponentGraph
 from circuitkd.errors import CircuitKDError
@@ -48,7 +48,7 @@ def summed_reader_gradients(model, graph: ComponentGraph, bv: BatchValues, metri
     K, B = n_copies, len(bv.pairs)
     with torch.enable_grad():
         run = patched_forward(model, graph, inputs, bv.pairs.attention_mask, reader_grads=True, n_copies=K, **patch)
-        value = evaluate_metric(metric, run.logits, expand_pairs(bv.pairs, K), bv.clean.logits).sum()
+        value = evaluate_metric(metric, run.logits, bv.pairs.repeat(K), bv.clean.logits).sum()
         keys = list(run.leaves)
         grads = torch.autograd.grad(value, [run.leaves[k] for k in keys], allow_unused=True)
     out = {}
