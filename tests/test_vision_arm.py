@@ -94,6 +94,16 @@ def test_bad_image_input_is_refused_before_training(tmp_path):
     bad = cfg.replace(task_args={**cfg.task_args, "cue_at": [25, 0]})
     with pytest.raises(CircuitKDError, match=r"cue_at=\(25, 0\) does not fit a 28x28 image"):
         run_experiment(bad, tmp_path / "b", log=lambda *_: None)
+    # A model with labels the task does not have, and images its patches do not tile: refused before
+    # the folder is made, not when the job that builds that model starts (after others have trained).
+    bad = cfg.replace(teacher={**cfg.teacher, "n_classes": 3})
+    with pytest.raises(CircuitKDError, match=r"the teacher: task 'shortcut_mnist' has 2 labels but the model spec "
+                                             r"declares n_classes=3"):
+        run_experiment(bad, tmp_path / "c", log=lambda *_: None)
+    bad = cfg.replace(task_args={**cfg.task_args, "image_size": 30})
+    with pytest.raises(CircuitKDError, match=r"the teacher: image_size=30 is not divisible by patch_size=7"):
+        run_experiment(bad, tmp_path / "d", log=lambda *_: None)
+    assert not any((tmp_path / d).exists() for d in "bcd")
     assert main(["run", "--arm", "vision", "--config", "x.json"]) == 2
 
 

@@ -101,8 +101,14 @@ def check_image_input(spec: ModelSpec, task: Any, who: str = "model") -> None:
 
 
 def check_spec_reads(spec: ModelSpec, task: Any, who: str = "model") -> None:
-    """Before anything is trained: refuse a pretrained ViT whose saved input size or channels differ
-    from the task's images (read from its config alone; a ViT built from config adapts to the task)."""
+    """Before anything is trained: refuse a spec the task does not fit (:func:`resolve_spec`: another
+    number of labels, a backbone that cannot read the task's inputs, a patch size that does not divide
+    its images), and a pretrained ViT whose saved input size or channels differ from the task's images
+    (read from its config alone; a ViT built from config adapts to the task)."""
+    try:
+        resolve_spec(spec, task)
+    except CircuitKDError as exc:
+        raise CircuitKDError(f"{who}: {exc}") from None
     if spec.backbone != "vit" or not spec.pretrained:
         return
     from transformers import ViTConfig
