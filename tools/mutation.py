@@ -86,10 +86,11 @@ def _workdir(base: Path, group: str) -> Path:
     return work
 
 
-def _configure(group: str):
+def _configure(group: str, debug: bool = False):
     from mutmut import configuration
 
     cfg = configuration.config()
+    cfg.debug = debug
     cfg.only_mutate, tests = GROUPS[group][0], GROUPS[group][1]
     cfg.pytest_add_cli_args_test_selection = [t for t in tests if (ROOT / t).exists()]
     return cfg
@@ -135,11 +136,12 @@ def _source_line(diff: str, name: str) -> tuple[str, int]:
     return path, start + offset - 1
 
 
-def run_group(group: str, n: int, seed: int, max_children: int, only: list[str], base: Path) -> dict:
+def run_group(group: str, n: int, seed: int, max_children: int, only: list[str], base: Path,
+              debug: bool = False) -> dict:
     """Generate the group's mutants, run its sample (or ``only``), and summarise the results."""
     os.chdir(_workdir(base, group))
     sys.path.insert(0, str(Path("mutants").absolute()))
-    _configure(group)
+    _configure(group, debug)
     from mutmut.__main__ import _run
     from mutmut.mutation.diff_apply import get_diff_for_mutant
 
@@ -186,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-children", type=int, default=2, help="mutants tested at once")
     parser.add_argument("--only", nargs="*", default=[], help="these mutant names only (one group)")
     parser.add_argument("--workdir", type=Path, default=ROOT / ".mutation")
+    parser.add_argument("--debug", action="store_true", help="show mutmut's pytest commands and output")
     args = parser.parse_args(argv)
     if args.only and len(args.groups) != 1:
         parser.error("--only takes one group")
@@ -202,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             print(line(json.loads(path.read_text())) if path.exists() else f"{group}: no result")
         return 0
     args.workdir = args.workdir.absolute()
-    summary = run_group(args.groups[0], args.sample, args.seed, args.max_children, args.only, args.workdir)
+    summary = run_group(args.groups[0], args.sample, args.seed, args.max_children, args.only, args.workdir, args.debug)
     print(line(summary), flush=True)
     return 0
 
