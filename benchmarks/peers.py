@@ -81,7 +81,7 @@ def setup(n_pairs: int, seq: int = SEQ):
 def export(model, pairs, path: Path) -> None:
     """Write the model's weights in TransformerLens 2.x names, the prompts and circuitkd's logits."""
     from circuitkd.engine import forward
-    from circuitkd.patching import NativeExecutor
+    from circuitkd.native import NativeExecutor
 
     ex = NativeExecutor(model)
     H, dh, d = ex.H, ex.dh, ex.d

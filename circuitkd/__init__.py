@@ -13,16 +13,16 @@ from circuitkd.errors import CircuitKDError
 from circuitkd.evaluate import evaluate
 from circuitkd.models import ModelPair, build_model, load_checkpoint, save_checkpoint
 from circuitkd.train import AttentionTransfer, distill, train_model
-from circuitkd.types import Edge, Node, PromptPairs
+from circuitkd.types import Direction, Edge, Node, PromptPairs
 from circuitkd.engine import run as run_hooked
-from circuitkd.patching import attribution_patch, patch, path_patch
+from circuitkd.patching import PatchResult, attribution_patch, cross_patch, patch, patch_result, path_patch
 
 __all__ = [
-    "CircuitKDError", "Edge", "Node", "PromptPairs", "ModelSpec", "TrainCfg", "ModelPair",
+    "CircuitKDError", "Direction", "Edge", "Node", "PromptPairs", "ModelSpec", "TrainCfg", "ModelPair",
     "build_model", "load_checkpoint", "save_checkpoint", "train_model", "distill", "DebiasCfg", "ExperimentCfg", "evaluate", "data",
     "AttentionTransfer",
 ]
-__all__ += ["run_hooked", "patch", "path_patch", "attribution_patch"]
+__all__ += ["run_hooked", "patch", "patch_result", "cross_patch", "PatchResult", "path_patch", "attribution_patch"]
 from circuitkd.attention import AttentionDiff, AttentionStats, ShortcutHeads, attention_stats, diff_attention, shortcut_heads
 
 __all__ += ["diff_attention", "attention_stats", "shortcut_heads", "AttentionDiff", "AttentionStats", "ShortcutHeads"]

@@ -236,12 +236,11 @@ def _pairs(args: argparse.Namespace, task):
 
 
 def _patch(args: argparse.Namespace) -> int:
-    from circuitkd.patching import patch
+    from circuitkd.patching import patch_result
 
     model = _load(args.checkpoint, args)
     task = _task_from_args(args, Path(args.checkpoint))
-    res = patch(model, _pairs(args, task), site=args.site, direction=args.direction, normalise=not args.raw,
-                return_result=True)
+    res = patch_result(model, _pairs(args, task), site=args.site, direction=args.direction, normalise=not args.raw)
     values = res.values
     flat = values.flatten()
     order = flat.abs().argsort(descending=True)[: args.top]

@@ -33,12 +33,41 @@ from jaxtyping import Float
 from torch import Tensor
 
 from circuitkd.errors import CircuitKDError
-from circuitkd.hooks import Site, all_sites, capture_hooks, check_site, edit_hooks, n_heads, n_layers
+from circuitkd.hooks import Site, all_sites, backbone_of, capture_hooks, check_site, edit_hooks, n_heads, n_layers
 from circuitkd.models.build import model_device
 from circuitkd.types import PromptPairs
 
 
 # ---------------------------------------------------------------------------- inputs
+
+
+def check_pairs(model, pairs: PromptPairs) -> None:
+    """Raise :class:`CircuitKDError` naming what is wrong when ``pairs`` cannot be fed to ``model``
+    (the one check every patching and circuit function runs on its pairs)."""
+    if not isinstance(pairs, PromptPairs):
+        raise CircuitKDError(f"pairs must be a PromptPairs, got {type(pairs).__name__}")
+    if pairs.clean.shape != pairs.corrupt.shape:  # PromptPairs checks this too; fields may be reassigned
+        raise CircuitKDError(
+            f"clean and corrupt differ in shape: clean {tuple(pairs.clean.shape)}, corrupt {tuple(pairs.corrupt.shape)}"
+        )
+    if len(pairs) == 0:
+        raise CircuitKDError("pairs is empty")
+    x = pairs.clean
+    if backbone_of(model) == "vit":
+        if not x.is_floating_point() or x.dim() != 4:
+            raise CircuitKDError(f"ViT needs pixel inputs Float[batch channel height width], got {tuple(x.shape)} "
+                                 f"of {x.dtype}")
+        return
+    if x.dim() != 2 or x.is_floating_point():
+        raise CircuitKDError(f"text models need Int[batch pos] token ids, got {tuple(x.shape)} of {x.dtype}")
+    n_ctx = getattr(model.cfg, "n_ctx", None)
+    if n_ctx and x.shape[1] > n_ctx:
+        raise CircuitKDError(f"inputs have {x.shape[1]} tokens but the model's context is {n_ctx} (n_ctx)")
+    d_vocab = getattr(model.cfg, "d_vocab", None)
+    top = int(torch.maximum(pairs.clean.max(), pairs.corrupt.max()))
+    if d_vocab and d_vocab > 0 and top >= d_vocab:
+        raise CircuitKDError(f"pairs hold token id {top} but the model's vocabulary has {d_vocab} ids")
+
 
 @dataclass
 class Batch:

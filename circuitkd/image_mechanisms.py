@@ -63,7 +63,7 @@ def model_mechanisms(model, task, *, seed: int, n_pairs: int, n_attention: int,
                      batch_size: int) -> dict[str, Any]:
     """One model: per bias type, head and head × patch-position patching and CLS attention to its patches."""
     from circuitkd.attention import attention_stats
-    from circuitkd.patching import patch
+    from circuitkd.patching import patch_result
 
     stats = attention_stats(model, task, split="ood_test", n=n_attention, seed=seed)
     out: dict[str, Any] = {"attention": {}, "patching": {}}
@@ -72,8 +72,8 @@ def model_mechanisms(model, task, *, seed: int, n_pairs: int, n_attention: int,
             out["attention"][cls] = stats.from_read[cls].tolist()
     for bias in task.bias_types:
         pairs = task.shortcut_pairs(n_pairs, bias=bias, seed=seed)
-        head = patch(model, pairs, site="head", normalise=False, batch_size=batch_size, return_result=True)
-        pos = patch(model, pairs, site="head_pos", normalise=False, batch_size=batch_size, return_result=True)
+        head = patch_result(model, pairs, site="head", normalise=False, batch_size=batch_size)
+        pos = patch_result(model, pairs, site="head_pos", normalise=False, batch_size=batch_size)
         out["patching"][bias] = {"sensitivity": head.clean - head.corrupt, "clean": head.clean,
                                  "corrupt": head.corrupt, "head": (head.raw - head.corrupt).tolist(),
                                  "head_pos": (pos.raw - pos.corrupt).tolist()}

@@ -1,9 +1,9 @@
 """Metrics over a model's logits on :class:`PromptPairs`, and the one place pairs meet their metric.
 
-A metric is ``metric(logits, pairs) -> Float[batch]``, one number per example, on the
-model's logits (already read out as ``[batch, n_classes]``, or raw ``[batch, pos, d_vocab]``,
-which :func:`read_logits` reads at ``pairs.position``). A metric that compares a run with
-the clean run sets ``uses_clean_logits = True`` and also gets ``clean_logits=``.
+A metric has one signature everywhere: ``metric(logits, pairs, clean_logits=None) -> Float[batch]``,
+one number per example, on the model's logits (already read out as ``[batch, n_classes]``, or
+raw ``[batch, pos, d_vocab]``, which :func:`read_logits` reads at :func:`read_positions`).
+``clean_logits`` are the clean run's logits (same layout), for metrics that compare with it.
 
 Names accepted wherever a metric is (``patch``, ``path_patch``, ``attribution_patch``,
 ``discover``, ``faithfulness``): ``"logit_diff"`` (the default: logit of the gold label
@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Callable, Optional, Union
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from circuitkd.errors import CircuitKDError
@@ -29,22 +29,35 @@ Metric = Callable[..., Tensor]
 MetricArg = Union[str, Metric, None]
 
 
-def read_logits(logits: Tensor, pairs: PromptPairs) -> Float[Tensor, "batch n_classes"]:
-    """The logits the task reads: ``[batch, n_classes]`` as is, ``[batch, pos, d_vocab]`` at ``pairs.position``.
+def read_positions(pairs: PromptPairs, n_pos: int, device: torch.device | str = "cpu") -> Int[Tensor, " batch"]:
+    """Where each pair's output is read: ``pairs.position``, with -1 meaning each example's last
+    real token when there is an attention mask (a padded causal model). The one place it is computed."""
+    if pairs.position == -1 and pairs.attention_mask is not None:
+        return (pairs.attention_mask.long().sum(1) - 1).to(device)
+    pos = pairs.position if pairs.position >= 0 else n_pos + pairs.position
+    if not 0 <= pos < n_pos:
+        raise CircuitKDError(f"read position {pairs.position} is outside the {n_pos} positions of the input")
+    return torch.full((len(pairs),), pos, dtype=torch.long, device=device)
 
-    Position -1 with an attention mask means each example's last real token (a padded causal model).
-    """
+
+def readout(logits: Tensor, read_pos: Int[Tensor, " batch"]) -> Float[Tensor, "batch d_out"]:
+    """``[batch, d_out]``: a per-position output ``[batch, pos, d_out]`` read at ``read_pos``; a
+    ``[batch, d_out]`` output (a classifier's) as it is."""
+    if logits.dim() == 2:
+        return logits
+    return logits[torch.arange(logits.shape[0], device=logits.device), read_pos.to(logits.device)]
+
+
+def read_logits(logits: Tensor, pairs: PromptPairs) -> Float[Tensor, "batch n_classes"]:
+    """The logits the task reads: ``[batch, n_classes]`` as is, ``[batch, pos, d_vocab]`` at
+    :func:`read_positions`."""
     if logits.dim() == 2:
         return logits
     if logits.dim() != 3:
         raise CircuitKDError(f"cannot read logits of shape {tuple(logits.shape)}")
-    pos = pairs.position
-    if pos == -1 and pairs.attention_mask is not None:
-        last = pairs.attention_mask.long().sum(1) - 1
-        return logits[torch.arange(logits.shape[0], device=logits.device), last.to(logits.device)]
-    if not -logits.shape[1] <= pos < logits.shape[1]:
-        raise CircuitKDError(f"read position {pos} is outside the {logits.shape[1]} positions of the input")
-    return logits[:, pos]
+    if logits.shape[0] != len(pairs):
+        raise CircuitKDError(f"logits hold {logits.shape[0]} rows for {len(pairs)} pairs")
+    return readout(logits, read_positions(pairs, logits.shape[1], logits.device))
 
 
 def _answers(read: Tensor, pairs: PromptPairs) -> tuple[Tensor, Tensor]:
@@ -56,7 +69,7 @@ def _answers(read: Tensor, pairs: PromptPairs) -> tuple[Tensor, Tensor]:
     return pairs.clean_answer.to(read.device), pairs.corrupt_answer.to(read.device)
 
 
-def logit_diff(logits: Tensor, pairs: PromptPairs) -> Float[Tensor, " batch"]:
+def logit_diff(logits: Tensor, pairs: PromptPairs, clean_logits: Optional[Tensor] = None) -> Float[Tensor, " batch"]:
     """``logit[clean_answer] - logit[corrupt_answer]`` per example (the default metric)."""
     read = read_logits(logits, pairs)
     a, b = _answers(read, pairs)
@@ -64,7 +77,7 @@ def logit_diff(logits: Tensor, pairs: PromptPairs) -> Float[Tensor, " batch"]:
     return read[idx, a] - read[idx, b]
 
 
-def prob_diff(logits: Tensor, pairs: PromptPairs) -> Float[Tensor, " batch"]:
+def prob_diff(logits: Tensor, pairs: PromptPairs, clean_logits: Optional[Tensor] = None) -> Float[Tensor, " batch"]:
     """``p(clean_answer) - p(corrupt_answer)`` per example."""
     read = read_logits(logits, pairs)
     a, b = _answers(read, pairs)
@@ -86,7 +99,7 @@ class Prob:
             raise CircuitKDError(f"Prob answer must be 'clean' or 'corrupt', got {answer!r}")
         self.answer = answer
 
-    def __call__(self, logits: Tensor, pairs: PromptPairs) -> Tensor:
+    def __call__(self, logits: Tensor, pairs: PromptPairs, clean_logits: Optional[Tensor] = None) -> Tensor:
         read = read_logits(logits, pairs)
         idx = getattr(pairs, f"{self.answer}_answer").to(read.device)[:, None]
         return read.float().softmax(-1).gather(1, idx)[:, 0]
@@ -99,9 +112,10 @@ class KLToClean:
     batch (copy-major): they are repeated to match.
     """
 
-    uses_clean_logits = True
-
-    def __call__(self, logits: Tensor, pairs: PromptPairs, *, clean_logits: Tensor) -> Tensor:
+    def __call__(self, logits: Tensor, pairs: PromptPairs, clean_logits: Optional[Tensor] = None) -> Tensor:
+        if clean_logits is None:
+            raise CircuitKDError("metric 'kl' compares with the clean run's logits, which this analysis does not "
+                                 "pass: use a metric that needs no clean run (e.g. 'logit_diff')")
         if clean_logits.shape[0] != logits.shape[0]:
             reps = logits.shape[0] // clean_logits.shape[0]
             clean_logits = clean_logits.repeat(reps, *[1] * (clean_logits.dim() - 1))
@@ -129,7 +143,7 @@ def resolve_metric(metric: MetricArg, pairs: PromptPairs) -> Metric:
             raise CircuitKDError(f"unknown metric {metric!r}; expected one of {sorted(METRICS)} or a callable")
         metric = METRICS[metric]()
     elif not callable(metric):
-        raise CircuitKDError(f"metric must be a callable (logits, pairs) -> Float[batch] or a name, "
+        raise CircuitKDError(f"metric must be a callable (logits, pairs, clean_logits=None) -> Float[batch] or a name, "
                              f"got {type(metric).__name__}")
     if getattr(metric, "contrasts_answers", False) and torch.equal(pairs.clean_answer, pairs.corrupt_answer):
         name = metric_name(metric)
@@ -151,13 +165,13 @@ def evaluate_metric(metric: Metric, logits: Tensor, pairs: PromptPairs,
         if ans.numel() and (int(ans.max()) >= n_out or int(ans.min()) < 0):
             raise CircuitKDError(f"pairs.{field} holds id {int(ans.max())} but the model has {n_out} outputs "
                                  f"(classes or vocabulary): ids must be in [0, {n_out})")
-    if getattr(metric, "uses_clean_logits", False):
-        if clean_logits is None:
-            raise CircuitKDError(f"metric {type(metric).__name__} compares with the clean run's logits, "
-                                 "which this analysis does not pass: use a metric of (logits, pairs)")
+    try:
         out = metric(logits, pairs, clean_logits=clean_logits)
-    else:
-        out = metric(logits, pairs)
+    except TypeError as exc:
+        if "clean_logits" not in str(exc):
+            raise
+        raise CircuitKDError(f"metric {name!r} must take the one metric signature "
+                             "metric(logits, pairs, clean_logits=None)") from exc
     if not isinstance(out, Tensor) or out.shape != (logits.shape[0],):
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise CircuitKDError(f"metric must return one number per example: expected shape ({logits.shape[0]},), "

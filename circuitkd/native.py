@@ -2,25 +2,30 @@
 
 A TransformerLens bridge runs every activation through hook points; for training and for
 plain class read-outs nothing needs them, and on a small CPU model their overhead is most of
-a step. :func:`class_logits_native` computes the same logits (to 1e-5) top to bottom:
+a step. :class:`NativeExecutor` computes the same logits (to 1e-5) top to bottom:
 embed -> [LN -> attention -> LN -> MLP] x L -> final LN -> unembed at the read position.
 The parameters are the bridge's own ``original_component`` tensors, so gradients reach the
 model being trained and nothing is copied.
 
-:func:`attend` is where circuitkd computes native attention; the patching fast path and the
-circuit edge runner call it too. :func:`patterns_native` runs the same forward and also returns
-every layer's pattern with its gradients, what attention-transfer distillation trains on
-(:mod:`circuitkd.train.attention_transfer`).
+Everything native in circuitkd runs on this one forward: training and class read-outs
+(:func:`class_logits_native`), attention transfer (:func:`patterns_native`, every layer's
+pattern with its gradients), the patching fast path and the circuit edge runners
+(:meth:`NativeExecutor.run` keeps every activation; :func:`finish` resumes a patched residual
+stream from any layer, recomputing only what a patch can change). :func:`attend` is the one
+place native attention is computed.
 """
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
+
+from circuitkd.errors import CircuitKDError
+from circuitkd.hooks import attn_scale
 
 ACTIVATIONS = {
     "gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu,
@@ -43,11 +48,6 @@ def supported(model) -> bool:
         and (cfg.act_fn or "gelu").lower() in ACTIVATIONS
         and not getattr(cfg, "final_rms", False)
     )
-
-
-def attn_scale(model) -> float:
-    cfg = model.cfg
-    return float(cfg.attn_scale) if (cfg.use_attn_scale and cfg.attn_scale > 0) else math.sqrt(cfg.d_head)
 
 
 def blocked_mask(mask: Optional[Tensor], n_pos: int, causal: bool, device) -> Tensor:
@@ -78,41 +78,222 @@ def masked_softmax(scores: Float[Tensor, "... dest_pos src_pos"], blocked: Tenso
     return pattern
 
 
-def _orig(module):
-    return module.original_component
+class NativeExecutor:
+    """A TL-native model's forward, layer by layer, on the bridge's own weights (nanoGPT's
+    ``Block.forward``, written out): :meth:`forward` for logits with gradients, :meth:`run` for
+    every activation (the patching and circuit fast paths). Both equal the bridge to 1e-5.
+    """
+
+    def __init__(self, model):
+        if not supported(model):
+            raise CircuitKDError("the native forward supports TL-native LN models with learned positions and a "
+                                 f"plain MLP only; got {type(getattr(model, 'original_model', model)).__name__}")
+        cfg = model.cfg
+        self.model = model
+        self.L, self.H, self.dh, self.d = int(cfg.n_layers), int(cfg.n_heads), int(cfg.d_head), int(cfg.d_model)
+        self.causal = cfg.attention_dir == "causal"
+        self.attn_only = bool(cfg.attn_only)
+        self.act = ACTIVATIONS[(cfg.act_fn or "gelu").lower()]
+        orig = lambda m: m.original_component  # noqa: E731
+        self.tok = orig(model.embed).weight
+        self.pos = orig(model.pos_embed).weight
+        self.layers = []
+        for blk in model.blocks:
+            ln1 = orig(blk.ln1)
+            layer = dict(
+                ln1=(ln1.weight, ln1.bias, ln1.eps),
+                q=orig(blk.attn.q), k=orig(blk.attn.k), v=orig(blk.attn.v), o=orig(blk.attn.o),
+                W_O=orig(blk.attn.o).weight.T.reshape(self.H, self.dh, self.d),
+            )
+            if not self.attn_only:
+                ln2 = orig(blk.ln2)
+                layer.update(ln2=(ln2.weight, ln2.bias, ln2.eps), fc_in=orig(getattr(blk.mlp, "in")),
+                             fc_out=orig(blk.mlp.out))
+            self.layers.append(layer)
+        lnf = orig(model.ln_final)
+        self.lnf = (lnf.weight, lnf.bias, lnf.eps)
+        self.unembed = orig(model.unembed)
+        self.scale = attn_scale(model)
+
+    # -- pieces
+    def ln(self, x: Tensor, p) -> Tensor:
+        w, b, eps = p
+        return F.layer_norm(x, (self.d,), w, b, eps)
+
+    def heads(self, lin, x: Tensor) -> Tensor:
+        """``[..., d] -> [..., head, d_head]``."""
+        return F.linear(x, lin.weight, lin.bias).unflatten(-1, (self.H, self.dh))
+
+    def mlp(self, layer: int, x: Tensor) -> Tensor:
+        """Resid mid -> resid post (position-wise)."""
+        if self.attn_only:
+            return x
+        p = self.layers[layer]
+        h = self.act(F.linear(self.ln(x, p["ln2"]), p["fc_in"].weight, p["fc_in"].bias))
+        return x + F.linear(h, p["fc_out"].weight, p["fc_out"].bias)
+
+    def blocked(self, mask: Optional[Tensor], P: int, device) -> Tensor:
+        """``Bool[batch|1, 1, dest, src]``: True where attention is not allowed (:func:`blocked_mask`)."""
+        return blocked_mask(mask, P, self.causal, device)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, blocked: Tensor) -> tuple[Tensor, Tensor]:
+        """q ``[..., dest, head, dh]``, k/v ``[..., src, head, dh]`` -> (z ``[..., dest, head, dh]``, pattern ``[..., head, dest, src]``)."""
+        return attend(q, k, v, blocked, self.scale)
+
+    def out(self, layer: int, z: Tensor) -> Tensor:
+        o = self.layers[layer]["o"]
+        return F.linear(z.flatten(-2), o.weight, o.bias)
+
+    def logits(self, x: Tensor) -> Tensor:
+        return F.linear(self.ln(x, self.lnf), self.unembed.weight, self.unembed.bias)
+
+    def forward(self, tokens: Int[Tensor, "batch pos"], mask: Optional[Tensor], read_pos: Optional[Tensor],
+                patterns: Optional[list] = None) -> tuple[Tensor, Tensor]:
+        """``(logits [batch d_out], hidden [batch d_model])`` at ``read_pos`` (default 0), keeping
+        gradients; appends each layer's pattern to ``patterns`` when given. ``hidden`` is the final
+        residual stream after the final LayerNorm, the classifier's input."""
+        B, P = tokens.shape
+        x = self.tok[tokens] + self.pos[:P][None]
+        blocked = self.blocked(mask, P, tokens.device)
+        for i, p in enumerate(self.layers):
+            h = self.ln(x, p["ln1"])
+            z, pattern = self.attend(self.heads(p["q"], h), self.heads(p["k"], h), self.heads(p["v"], h), blocked)
+            if patterns is not None:
+                patterns.append(pattern)
+            x = self.mlp(i, x + self.out(i, z))
+        x = x[:, 0] if read_pos is None else x[torch.arange(B, device=x.device), read_pos]
+        hidden = self.ln(x, self.lnf)
+        return F.linear(hidden, self.unembed.weight, self.unembed.bias), hidden
+
+    # -- full forward with cache
+    def run(self, tokens: Tensor, mask: Optional[Tensor], read_pos: Tensor) -> "NativeCache":
+        B, P = tokens.shape
+        x = self.tok[tokens] + self.pos[:P][None]
+        blocked = self.blocked(mask, P, tokens.device)
+        c = NativeCache(blocked=blocked, read_pos=read_pos)
+        for i, p in enumerate(self.layers):
+            c.resid_pre.append(x)
+            h = self.ln(x, p["ln1"])
+            q, k, v = self.heads(p["q"], h), self.heads(p["k"], h), self.heads(p["v"], h)
+            z, pattern = self.attend(q, k, v, blocked)
+            attn = self.out(i, z)
+            mid = x + attn
+            post = self.mlp(i, mid)
+            c.q.append(q), c.k.append(k), c.v.append(v), c.z.append(z), c.pattern.append(pattern)
+            c.attn_out.append(attn), c.resid_mid.append(mid), c.mlp_out.append(post - mid), c.resid_post.append(post)
+            x = post
+        c.logits = self.logits(x[torch.arange(B, device=x.device), read_pos])
+        return c
 
 
-def _forward(model, tokens: Tensor, attention_mask: Optional[Tensor], read_pos: Optional[Tensor],
-             patterns: Optional[list]) -> tuple[Tensor, Tensor]:
-    """``(logits, hidden)`` at the read positions; appends each layer's pattern to ``patterns`` when given."""
-    cfg = model.cfg
-    n_heads, d_head, d_model = int(cfg.n_heads), int(cfg.d_head), int(cfg.d_model)
-    act = ACTIVATIONS[(cfg.act_fn or "gelu").lower()]
-    scale = attn_scale(model)
-    B, P = tokens.shape
-    x = _orig(model.embed).weight[tokens] + _orig(model.pos_embed).weight[:P][None]
-    blocked = blocked_mask(attention_mask, P, cfg.attention_dir == "causal", tokens.device)
-    for blk in model.blocks:
-        ln1 = _orig(blk.ln1)
-        h = F.layer_norm(x, (d_model,), ln1.weight, ln1.bias, ln1.eps)
-        q, k, v = (F.linear(h, _orig(lin).weight, _orig(lin).bias).unflatten(-1, (n_heads, d_head))
-                   for lin in (blk.attn.q, blk.attn.k, blk.attn.v))
-        z, pattern = attend(q, k, v, blocked, scale)
-        if patterns is not None:
-            patterns.append(pattern)
-        o = _orig(blk.attn.o)
-        x = x + F.linear(z.flatten(-2), o.weight, o.bias)
-        if not cfg.attn_only:
-            ln2, fc_in, fc_out = _orig(blk.ln2), _orig(getattr(blk.mlp, "in")), _orig(blk.mlp.out)
-            h = F.layer_norm(x, (d_model,), ln2.weight, ln2.bias, ln2.eps)
-            x = x + F.linear(act(F.linear(h, fc_in.weight, fc_in.bias)), fc_out.weight, fc_out.bias)
-    if read_pos is None:
-        hidden = x[:, 0]
-    else:
-        hidden = x[torch.arange(B, device=x.device), read_pos]
-    lnf, unembed = _orig(model.ln_final), _orig(model.unembed)
-    hidden = F.layer_norm(hidden, (d_model,), lnf.weight, lnf.bias, lnf.eps)
-    return F.linear(hidden, unembed.weight, unembed.bias), hidden
+@dataclass
+class NativeCache:
+    """Every activation of one :meth:`NativeExecutor.run`, per layer, and the read positions."""
+
+    blocked: Tensor
+    read_pos: Tensor
+    logits: Optional[Tensor] = None
+
+    def __post_init__(self) -> None:
+        for name in ("resid_pre", "q", "k", "v", "z", "pattern", "attn_out", "resid_mid", "mlp_out", "resid_post"):
+            setattr(self, name, [])
+
+    def at_read(self, name: str, layer: int) -> Tensor:
+        """``[batch, ...]``: the cached activation at each example's read position."""
+        t = getattr(self, name)[layer]
+        return t[torch.arange(t.shape[0], device=t.device), self.read_pos]
+
+
+# ---------------------------------------------------------------------------- resuming a patched forward
+# Patched states of the residual stream for N copies of a B-example batch:
+#   ("sparse", pos[N], vec[N,B,d]) - equals the base run except at one position per copy;
+#   ("dense", x[N,B,P,d]);  ("read", x[N,B,d]) - only each example's read-out position.
+
+
+def scatter_pos(base: Tensor, pos: Tensor, vec: Tensor) -> Tensor:
+    """Base ``[B,P,...]`` expanded to ``[N,B,P,...]`` with copy n's position ``pos[n]`` set to ``vec[n]``."""
+    N = pos.shape[0]
+    x = base.unsqueeze(0).expand((N,) + tuple(base.shape)).clone()
+    x[torch.arange(N, device=pos.device), :, pos] = vec
+    return x
+
+
+def read_of_sparse(ex: NativeExecutor, c: NativeCache, base_name: str, layer: int, pos: Tensor, vec: Tensor) -> Tensor:
+    """``[N,B,d]`` at each example's read position: the patched vector where ``pos == read_pos``."""
+    base_r = c.at_read(base_name, layer).unsqueeze(0).expand_as(vec)
+    hit = (pos[:, None] == c.read_pos[None, :])[..., None]
+    return torch.where(hit, vec, base_r)
+
+
+def resume_layer(ex: NativeExecutor, c: NativeCache, i: int, state: tuple) -> tuple:
+    """Run layer ``i`` on a patched resid_pre state; returns the resid_pre state of layer ``i+1`` (or "read")."""
+    last = i == ex.L - 1
+    p = ex.layers[i]
+    B = c.read_pos.shape[0]
+    ar = torch.arange(B, device=c.read_pos.device)
+    kind = state[0]
+    if kind == "read":
+        raise CircuitKDError("internal: a read-out state cannot enter another layer")  # pragma: no cover
+    if kind == "sparse":
+        _, pos, vec = state
+        h = ex.ln(vec, p["ln1"])
+        qp, kp, vp = ex.heads(p["q"], h), ex.heads(p["k"], h), ex.heads(p["v"], h)  # [N,B,H,dh]
+        K, V = scatter_pos(c.k[i], pos, kp), scatter_pos(c.v[i], pos, vp)  # [N,B,P,H,dh]
+        if last:
+            hit = (pos[:, None] == c.read_pos[None, :])[..., None, None]
+            q_r = torch.where(hit, qp, c.q[i][ar, c.read_pos].unsqueeze(0))  # [N,B,H,dh]
+            blocked_r = c.blocked.expand(B, -1, -1, -1)[ar, :, c.read_pos].unsqueeze(-2)  # [B,1,1,P]
+            z_r, _ = ex.attend(q_r.unsqueeze(-3), K, V, blocked_r)
+            pre_r = read_of_sparse(ex, c, "resid_pre", i, pos, vec)
+            return ("read", ex.mlp(i, pre_r + ex.out(i, z_r[..., 0, :, :])))
+        Q = scatter_pos(c.q[i], pos, qp)
+        z, _ = ex.attend(Q, K, V, c.blocked)
+        x = scatter_pos(c.resid_pre[i], pos, vec)
+        return ("dense", ex.mlp(i, x + ex.out(i, z)))
+    x = state[1]  # dense [N,B,P,d]
+    h = ex.ln(x, p["ln1"])
+    k, v = ex.heads(p["k"], h), ex.heads(p["v"], h)
+    if last:
+        x_r = x[:, ar, c.read_pos]  # [N,B,d]
+        q_r = ex.heads(p["q"], h[:, ar, c.read_pos])
+        blocked_r = c.blocked.expand(B, -1, -1, -1)[ar, :, c.read_pos].unsqueeze(-2)
+        z_r, _ = ex.attend(q_r.unsqueeze(-3), k, v, blocked_r)
+        return ("read", ex.mlp(i, x_r + ex.out(i, z_r[..., 0, :, :])))
+    z, _ = ex.attend(ex.heads(p["q"], h), k, v, c.blocked)
+    return ("dense", ex.mlp(i, x + ex.out(i, z)))
+
+
+def after_mid(ex: NativeExecutor, c: NativeCache, i: int, state: tuple) -> tuple:
+    """A patched resid_mid state of layer ``i`` -> the resid_pre state of layer ``i+1`` (or "read")."""
+    last = i == ex.L - 1
+    if state[0] == "sparse":
+        _, pos, vec = state
+        post = ex.mlp(i, vec)
+        if last:
+            return ("read", read_of_sparse(ex, c, "resid_post", i, pos, post))
+        return ("sparse", pos, post)
+    x = state[1]
+    if last:
+        ar = torch.arange(x.shape[1], device=x.device)
+        return ("read", ex.mlp(i, x[:, ar, c.read_pos]))
+    return ("dense", ex.mlp(i, x))
+
+
+def finish(ex: NativeExecutor, c: NativeCache, start: int, state: tuple) -> Tensor:
+    """Propagate a resid_pre state from layer ``start`` to the read-out logits ``[N,B,d_out]``."""
+    i = start
+    while state[0] != "read":
+        if i == ex.L:  # a sparse/dense state past the last block: read it
+            if state[0] == "sparse":
+                state = ("read", read_of_sparse(ex, c, "resid_post", ex.L - 1, state[1], state[2]))
+            else:
+                ar = torch.arange(state[1].shape[1], device=state[1].device)
+                state = ("read", state[1][:, ar, c.read_pos])
+            break
+        state = resume_layer(ex, c, i, state)
+        i += 1
+    return ex.logits(state[1])
+
 
 
 def class_logits_native(model, tokens: Int[Tensor, "batch pos"], attention_mask: Optional[Tensor] = None,
@@ -122,7 +303,7 @@ def class_logits_native(model, tokens: Int[Tensor, "batch pos"], attention_mask:
     With ``return_hidden`` also returns the classifier's input, the final residual stream at the
     read position after the final LayerNorm (``[batch, d_model]``), what learned-mixin's gate reads.
     """
-    logits, hidden = _forward(model, tokens, attention_mask, read_pos, None)
+    logits, hidden = NativeExecutor(model).forward(tokens, attention_mask, read_pos)
     return (logits, hidden) if return_hidden else logits
 
 
@@ -136,5 +317,5 @@ def patterns_native(model, tokens: Int[Tensor, "batch pos"], attention_mask: Opt
     What attention-transfer distillation trains on.
     """
     patterns: list[Tensor] = []
-    logits, _ = _forward(model, tokens, attention_mask, read_pos, patterns)
+    logits, _ = NativeExecutor(model).forward(tokens, attention_mask, read_pos, patterns)
     return logits, torch.stack(patterns, dim=1)

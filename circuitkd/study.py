@@ -60,10 +60,9 @@ def comparisons(cfg, rows: list[dict], *, seed: Optional[int] = None) -> list[di
 
 
 def _patch_heads(model, pairs: PromptPairs, batch_size: int) -> dict[str, Any]:
-    from circuitkd.patching import patch
+    from circuitkd.patching import patch_result
 
-    res = patch(model, pairs, site="head", direction="denoise", normalise=False, batch_size=batch_size,
-                return_result=True)
+    res = patch_result(model, pairs, site="head", direction="denoise", normalise=False, batch_size=batch_size)
     effect = (res.raw - res.corrupt).float()
     return {"effect": effect.tolist(), "clean": res.clean, "corrupt": res.corrupt,
             "sensitivity": res.clean - res.corrupt, "method": res.method,

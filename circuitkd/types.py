@@ -6,6 +6,7 @@ One vocabulary of dimension names is used on every public signature:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from typing import Literal, Optional
 
 import torch
@@ -22,6 +23,25 @@ PosLogits = Float[Tensor, "batch pos d_vocab"]
 Resid = Float[Tensor, "batch pos d_model"]
 Pattern = Float[Tensor, "batch head dest_pos src_pos"]
 Labels = Int[Tensor, " batch"]
+
+class Direction(str, Enum):
+    """Which way a patch moves activations, in patching and circuit discovery alike.
+
+    ``DENOISE``: the corrupt run receives clean activations (is a component *sufficient*?);
+    ``NOISE``: the clean run receives corrupt ones (is it *necessary*?) — Heimersheim & Nanda 2024.
+    """
+
+    DENOISE = "denoise"
+    NOISE = "noise"
+
+    @classmethod
+    def parse(cls, value: "Direction | str") -> "Direction":
+        """``value`` as a :class:`Direction`; :class:`CircuitKDError` naming the two choices otherwise."""
+        try:
+            return cls(value)
+        except ValueError:
+            raise CircuitKDError(f"direction must be 'denoise' or 'noise', got {value!r}") from None
+
 
 NodeKind = Literal["embed", "head", "mlp", "output"]
 Port = Literal["q", "k", "v", "in"]
@@ -153,6 +173,13 @@ class PromptPairs:
             position=self.position,
             meta=meta,
         )
+
+    def repeat(self, copies: int) -> "PromptPairs":
+        """The pairs ``copies`` times over, copy-major (row ``k * len(self) + b`` is pair ``b``): the
+        layout of patched copies stacked in the batch dimension."""
+        if copies == 1:
+            return self
+        return self[torch.arange(len(self)).repeat(copies)]
 
     def to(self, device: torch.device | str) -> "PromptPairs":
         """A copy with every tensor on ``device``."""

@@ -90,11 +90,11 @@ def test_token_id_outside_the_vocabulary(model, run):
         run(model, _pairs(clean=clean, corrupt=clean.clone()))
 
 
-def _nan_metric(logits, pairs):
+def _nan_metric(logits, pairs, clean_logits=None):
     return read_logits(logits, pairs)[:, 0] * float("nan")
 
 
-def _constant_metric(logits, pairs):
+def _constant_metric(logits, pairs, clean_logits=None):
     return torch.ones(logits.shape[0])
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from circuitkd import ModelSpec, build_model
-from circuitkd.patching import patch
+from circuitkd.patching import cross_patch
 from tests.hand_reference import logit_diff_at_cls, random_pairs
 
 torch.set_num_threads(1)
@@ -79,8 +79,7 @@ def test_cross_model_patching_equals_hand_hooks(models, site):
     ref = ref.view(2, H, P) if site == "head_pos" else ref.view(2, P)
     assert (ref - m_student).abs().max() > 1e-2  # the teacher's activations change the student
     for method in ("fast", "stacked", "reference"):
-        res = patch(student, pairs, site, source_model=teacher, layer_map=LAYER_MAP, normalise=True,
-                    method=method, return_result=True)
+        res = cross_patch(teacher, student, pairs, site, layer_map=LAYER_MAP, normalise=True, method=method)
         assert res.corrupt == pytest.approx(m_student, abs=1e-5) and res.clean == pytest.approx(m_teacher, abs=1e-5)
         torch.testing.assert_close(res.raw, ref, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(res.values, (ref - m_student) / (m_teacher - m_student), atol=1e-4, rtol=1e-4)

@@ -159,8 +159,7 @@ def test_fuzz_patch(model, kwargs, site, metric, direction, normalise):
     if pairs is None:
         return
     try:
-        res = ckd.patch(model, pairs, site=site, metric=metric, direction=direction, normalise=normalise,
-                        return_result=True)
+        res = ckd.patch_result(model, pairs, site=site, metric=metric, direction=direction, normalise=normalise)
     except CircuitKDError:
         event("refused")
         return

@@ -62,7 +62,7 @@ def test_pairs_with_equal_answers_are_refused_with_the_fix(model, run):
 @pytest.mark.parametrize("run", ENTRY_POINTS, ids=lambda f: f.__name__.strip("_"))
 def test_a_metric_that_needs_no_answers_takes_those_pairs(model, run):
     run(model, _pairs(same_answers=True), metric="kl")
-    run(model, _pairs(same_answers=True), metric=lambda logits, pairs: read_logits(logits, pairs)[:, 0])
+    run(model, _pairs(same_answers=True), metric=lambda logits, pairs, clean_logits=None: read_logits(logits, pairs)[:, 0])
 
 
 def test_pairs_differing_somewhere_are_accepted():
@@ -99,3 +99,9 @@ def test_bad_metrics():
         resolve_metric("logitdiff", pairs)
     with pytest.raises(CircuitKDError, match="compares with the clean run's logits"):
         evaluate_metric(KLToClean(), torch.randn(6, 3), pairs)
+
+
+def test_a_metric_without_the_clean_logits_argument_is_refused_naming_the_signature():
+    pairs = _pairs(same_answers=False)
+    with pytest.raises(CircuitKDError, match=r"metric\(logits, pairs, clean_logits=None\)"):
+        evaluate_metric(lambda logits, pairs: logits[:, 0], torch.zeros(len(pairs), 3), pairs)

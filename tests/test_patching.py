@@ -9,8 +9,10 @@ import torch
 from circuitkd import CircuitKDError, ModelSpec, PromptPairs, build_model
 from circuitkd.hooks import Site, capture, edit_hooks
 from circuitkd.metrics import KLToClean, Prob
+from circuitkd.metrics import read_positions
+from circuitkd.native import NativeExecutor
 from circuitkd.patching import (
-    SITES, NativeExecutor, attribution_patch, correlation, patch, path_patch, read_positions,
+    SITES, attribution_patch, correlation, cross_patch, patch, patch_result, path_patch,
 )
 
 torch.set_num_threads(1)
@@ -76,9 +78,9 @@ def test_native_executor_equals_bridge(causal):
     model = _native(causal=causal)
     pairs = _pairs(position=-1 if causal else 0)
     with torch.inference_mode():
-        cache = NativeExecutor(model).run(pairs.clean, pairs.attention_mask, read_positions(model, pairs, N_POS))
+        cache = NativeExecutor(model).run(pairs.clean, pairs.attention_mask, read_positions(pairs, N_POS))
         out = model(pairs.clean, attention_mask=pairs.attention_mask)
-    r = read_positions(model, pairs, N_POS)
+    r = read_positions(pairs, N_POS)
     _close(cache.logits, out[torch.arange(N_PAIRS), r])
     with torch.inference_mode(), capture(model, [Site(1, "z"), Site(0, "resid_mid")], attention_mask=pairs.attention_mask) as acts:
         model(pairs.clean, attention_mask=pairs.attention_mask)
@@ -95,7 +97,7 @@ def test_native_fast_and_stacked_equal_reference(native3, site):
     direction = "noise" if site.endswith(("_pos", "_layer")) else "denoise"  # both directions, split across sites
     # positions: the read-out (0), one that differs between clean and corrupt (3), a padded one (7)
     kw = dict(direction=direction, normalise=False, positions=[0, 3, 7])
-    res = patch(native3, pairs, site, method="reference", return_result=True, **kw)
+    res = patch_result(native3, pairs, site, method="reference", **kw)
     ref = res.values
     fast = patch(native3, pairs, site, method="fast", copies_per_forward=5, batch_size=3, **kw)
     stacked = patch(native3, pairs, site, method="stacked", copies_per_forward=7, batch_size=3, **kw)
@@ -121,7 +123,7 @@ def test_bert_stacked_equals_reference(bert, site):
     kw = dict(normalise=False, positions=[0, 3, 7])
     _close(patch(bert, pairs, site, method="stacked", copies_per_forward=6, batch_size=3, **kw),
            patch(bert, pairs, site, method="reference", **kw))
-    assert patch(bert, pairs, site, normalise=False, return_result=True).method == "stacked"
+    assert patch_result(bert, pairs, site, normalise=False).method == "stacked"
 
 
 @pytest.mark.parametrize("site", ["head_pos", "resid", "resid_mid", "attn_out_layer", "v_pos"])
@@ -182,22 +184,21 @@ def test_normalised_recovery_is_one_where_the_only_difference_is():
     expected[3] = 1.0
     _close(denoise, expected)
     _close(noise, 1.0 - expected)
-    res = patch(model, pairs, "resid", return_result=True)
+    res = patch_result(model, pairs, "resid")
     _close(res.values, ((res.raw - res.corrupt) / (res.clean - res.corrupt)).float())
 
 
 @pytest.mark.parametrize("metric", ["prob", "kl", "custom"])
 def test_other_metrics_fast_equals_reference(native3, metric):
     pairs = _pairs()
-    m = {"prob": Prob("clean"), "kl": KLToClean(), "custom": lambda logits, p: logits[:, 0] * 2.0}[metric]
+    m = {"prob": Prob("clean"), "kl": KLToClean(), "custom": lambda logits, p, clean_logits=None: logits[:, 0] * 2.0}[metric]
     # raw values: normalising by a small clean-corrupt gap would only amplify float noise
     ref = patch(native3, pairs, "head_pos", metric=m, method="reference", layers=[1], normalise=False)
     _close(patch(native3, pairs, "head_pos", metric=m, method="fast", layers=[1], normalise=False), ref)
     if metric == "kl":
         # KL(p_clean || p_run): 0 on the clean run, KL(p_clean || p_corrupt) on the corrupt one (torch's kl_div),
         # and patching layer 0's residual where clean and corrupt tokens agree leaves the corrupt run's value
-        res = patch(native3, pairs, "resid_pre", metric=m, normalise=False, layers=[0], positions=[0, 1, 5, 6, 7],
-                    return_result=True)
+        res = patch_result(native3, pairs, "resid_pre", metric=m, normalise=False, layers=[0], positions=[0, 1, 5, 6, 7])
         with torch.inference_mode():
             log_p = native3(pairs.clean, attention_mask=pairs.attention_mask)[:, 0].double().log_softmax(-1)
             log_q = native3(pairs.corrupt, attention_mask=pairs.attention_mask)[:, 0].double().log_softmax(-1)
@@ -214,23 +215,22 @@ def test_cross_model_patching_fast_stacked_reference():
     student = _native(n_layers=2, seed=2)
     pairs = _pairs()
     for site in ("head_pos", "resid", "v", "mlp_out_layer"):
-        kw = dict(source_model=teacher, normalise=False)
-        ref = patch(student, pairs, site, method="reference", **kw)
-        _close(patch(student, pairs, site, method="fast", **kw), ref)
-        _close(patch(student, pairs, site, method="stacked", **kw), ref)
+        ref = cross_patch(teacher, student, pairs, site, method="reference", normalise=False).values
+        _close(cross_patch(teacher, student, pairs, site, method="fast", normalise=False).values, ref)
+        _close(cross_patch(teacher, student, pairs, site, method="stacked", normalise=False).values, ref)
     # patching the whole residual stream at a layer gives the source's residual there:
     # with identity layer_map onto an identical copy, nothing changes
     same = _native(n_layers=2, seed=2)
-    raw = patch(student, pairs, "attn_out_layer", source_model=same, normalise=False, return_result=True)
+    raw = cross_patch(same, student, pairs, "attn_out_layer", normalise=False)
     _close(raw.raw, torch.full_like(raw.raw, raw.corrupt))
 
 
 def test_cross_model_shape_mismatch_raises():
     wide = build_model(ModelSpec.preset("student").replace(d_vocab=30, n_ctx=N_POS, n_classes=3), device="cpu")
     with pytest.raises(CircuitKDError, match="d_model=64, source d_model=128"):
-        patch(_native(), _pairs(), "head", source_model=wide)
+        cross_patch(wide, _native(), _pairs(), "head")
     with pytest.raises(CircuitKDError, match="layer_map"):
-        patch(_native(), _pairs(), "head", source_model=_native(seed=3), layer_map=[0, 5])
+        cross_patch(_native(seed=3), _native(), _pairs(), "head", layer_map=[0, 5])
 
 
 # ---------------------------------------------------------------------------- path patching
@@ -241,7 +241,7 @@ def test_path_patching_to_logits_is_the_direct_effect():
     pairs = _pairs()
     ex = NativeExecutor(model)
     got = path_patch(model, pairs, "logits", normalise=False, batch_size=3)
-    r = read_positions(model, pairs, N_POS)
+    r = read_positions(pairs, N_POS)
     with torch.inference_mode():
         base, src = ex.run(pairs.corrupt, pairs.attention_mask, r), ex.run(pairs.clean, pairs.attention_mask, r)
     ar = torch.arange(N_PAIRS)
@@ -261,7 +261,7 @@ def test_path_patching_through_receiver_queries():
     assert got.shape == (3, 4) and got[2].isnan().all()
     # reference: the receiver's query input is the base residual plus the sender's output change
     ex = NativeExecutor(model)
-    r = read_positions(model, pairs, N_POS)
+    r = read_positions(pairs, N_POS)
     with torch.inference_mode():
         base, src = ex.run(pairs.corrupt, pairs.attention_mask, r), ex.run(pairs.clean, pairs.attention_mask, r)
     p = ex.layers[2]
@@ -344,14 +344,14 @@ def test_bad_input_raises_naming_it(native3, bert):
     with pytest.raises(CircuitKDError, match="direction"):
         patch(native3, pairs, "resid", direction="sideways")
     with pytest.raises(CircuitKDError, match="metric must return one number per example"):
-        patch(native3, pairs, "resid", metric=lambda logits, p: logits.sum())
+        patch(native3, pairs, "resid", metric=lambda logits, p, clean_logits=None: logits.sum())
 
 
 def test_hooks_removed_after_a_failing_metric(bert):
     before = sum(len(hp.fwd_hooks) for hp in bert.hook_dict.values())
     calls = {"n": 0}
 
-    def metric(logits, p):
+    def metric(logits, p, clean_logits=None):
         calls["n"] += 1
         if calls["n"] > 2:
             raise RuntimeError("metric failed")

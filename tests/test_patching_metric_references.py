@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from circuitkd import ModelSpec, PromptPairs, build_model
-from circuitkd.patching import patch
+from circuitkd.patching import patch_result
 from tests.hand_reference import random_pairs
 
 torch.set_num_threads(1)
@@ -105,8 +105,8 @@ def test_metric_direction_and_normalisation_equal_hand_hooks(models, hand, causa
         backwards = float(_metric("kl", clean_read, reads["corrupt"], pairs).mean())
         assert abs(backwards - m_corrupt) > 1e-4  # 30x the tolerance below
     for method in ("fast", "stacked", "reference"):
-        res = patch(model, pairs, "head_pos", metric=metric, direction=direction, method=method,
-                    positions=POSITIONS, batch_size=3, return_result=True)
+        res = patch_result(model, pairs, "head_pos", metric=metric, direction=direction, method=method,
+                           positions=POSITIONS, batch_size=3)
         assert res.clean == pytest.approx(m_clean, abs=1e-5) and res.corrupt == pytest.approx(m_corrupt, abs=1e-5)
         torch.testing.assert_close(res.raw.double(), ref_raw.double(), atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(res.values.double(), ref_norm.double(), atol=1e-4, rtol=1e-4)

@@ -27,7 +27,7 @@ from typing import Callable, Optional
 import torch
 
 from circuitkd.circuits.acdc import acdc, acdc_sweep
-from circuitkd.circuits.base import ABLATIONS, check_pairs
+from circuitkd.circuits.base import ABLATIONS
 from circuitkd.circuits.clean_corrupted import clean_corrupted
 from circuitkd.circuits.compare import CircuitComparison, compare_circuits
 from circuitkd.circuits.eap import eap
@@ -40,6 +40,7 @@ from circuitkd.circuits.graph import Circuit, ComponentGraph
 from circuitkd.circuits.mask_gradient import mask_gradient_ig
 from circuitkd.circuits import postln
 from circuitkd.circuits.postln import validate_post_ln
+from circuitkd.engine import check_pairs
 from circuitkd.errors import CircuitKDError
 from circuitkd.metrics import logit_diff, metric_name, resolve_metric
 from circuitkd.types import PromptPairs

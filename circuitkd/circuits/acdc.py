@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from circuitkd.circuits.base import batches, expand_pairs
+from circuitkd.circuits.base import batches
 from circuitkd.circuits.forward import NativeEdgeRunner, native_edge_supported, patched_forward
 from circuitkd.circuits.graph import Circuit, ComponentGraph
 from circuitkd.errors import CircuitKDError
@@ -55,11 +55,11 @@ class _Evaluator:
         # a copy ablates an edge into (same logits as patched_forward; see NativeEdgeRunner).
         self.runners = None
         if _NATIVE_RUNNER and native_edge_supported(model, graph) and not pairs.clean.is_floating_point():
-            from circuitkd.patching import read_positions, readout
+            from circuitkd.metrics import read_positions, readout
             self.runners = [NativeEdgeRunner(model, graph, bv.pairs.clean, bv.pairs.attention_mask, bv.clean,
                                              bv.replacement) for bv in self.batches]
             # the runner computes only the read positions in the last layer: [batch] and the clean run there
-            self.read_pos = [read_positions(model, bv.pairs, bv.pairs.clean.shape[1]) for bv in self.batches]
+            self.read_pos = [read_positions(bv.pairs, bv.pairs.clean.shape[1], bv.pairs.clean.device) for bv in self.batches]
             self.clean_read = [readout(bv.clean.logits, r) for bv, r in zip(self.batches, self.read_pos)]
 
     def __call__(self, keep: torch.Tensor) -> torch.Tensor:
@@ -80,7 +80,7 @@ class _Evaluator:
                 else:
                     run = patched_forward(self.model, self.graph, bv.pairs.clean, bv.pairs.attention_mask,
                                           ablate=w, replacement=bv.replacement, norm_scales=bv.clean.norm_scales)
-            big = expand_pairs(bv.pairs, K)
+            big = bv.pairs.repeat(K)
             if self.criterion == "kl":
                 value = evaluate_metric(KLToClean(), run.logits, big, clean_logits)
             else:

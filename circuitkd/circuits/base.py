@@ -1,4 +1,4 @@
-"""Plumbing shared by the circuit methods: checking pairs against a model, batching, and
+"""Plumbing shared by the circuit methods: batching, and
 the replacement values an ablated edge carries (corrupt-activation, mean or zero ablation)."""
 from __future__ import annotations
 
@@ -15,29 +15,6 @@ from circuitkd.models.build import model_device
 from circuitkd.types import PromptPairs
 
 ABLATIONS = ("corrupt", "mean", "zero")
-
-
-def check_pairs(model, pairs: PromptPairs) -> None:
-    """Raise :class:`CircuitKDError` when ``pairs`` cannot be fed to ``model``."""
-    if not isinstance(pairs, PromptPairs):
-        raise CircuitKDError(f"pairs must be a PromptPairs, got {type(pairs).__name__}")
-    if len(pairs) == 0:
-        raise CircuitKDError("pairs is empty")
-    cfg = model.cfg
-    x = pairs.clean
-    if x.is_floating_point():
-        if x.dim() != 4:
-            raise CircuitKDError(f"pixel pairs must be [batch channel height width], got {tuple(x.shape)}")
-        return
-    if x.dim() != 2:
-        raise CircuitKDError(f"token pairs must be [batch pos], got {tuple(x.shape)}")
-    n_ctx = getattr(cfg, "n_ctx", None)
-    if n_ctx and x.shape[1] > n_ctx:
-        raise CircuitKDError(f"pairs have {x.shape[1]} tokens but the model's context is {n_ctx}")
-    d_vocab = getattr(cfg, "d_vocab", None)
-    top = int(torch.maximum(pairs.clean.max(), pairs.corrupt.max()))
-    if d_vocab and top >= d_vocab:
-        raise CircuitKDError(f"pairs hold token id {top} but the model's vocabulary has {d_vocab} ids")
 
 
 @dataclass
@@ -64,7 +41,7 @@ class BatchValues:
             run = patched_forward(model, graph, self.pairs.clean, self.pairs.attention_mask, ablate=weights,
                                   replacement=self.replacement, norm_scales=self.clean.norm_scales)
         copies = weights.shape[0]
-        return evaluate_metric(metric, run.logits, expand_pairs(self.pairs, copies),
+        return evaluate_metric(metric, run.logits, self.pairs.repeat(copies),
                                self.clean.logits).view(copies, len(self.pairs))
 
 
@@ -102,16 +79,3 @@ def mean_source_values(model, graph: ComponentGraph, pairs: PromptPairs, *, batc
         total = vals.sum(0, keepdim=True) if total is None else total + vals.sum(0, keepdim=True)
         n += vals.shape[0]
     return total / n
-
-
-def expand_pairs(pairs: PromptPairs, copies: int) -> PromptPairs:
-    """``pairs`` repeated ``copies`` times, copy-major (row ``k*B + b``)."""
-    if copies == 1:
-        return pairs
-    idx = torch.arange(len(pairs)).repeat(copies)
-    return pairs[idx]
-
-
-def check_graph_fits(graph: ComponentGraph, pairs: PromptPairs) -> None:
-    if graph.per_position and pairs.clean.dim() == 2 and pairs.clean.shape[1] != graph.n_pos:
-        raise CircuitKDError(f"per-position graph has {graph.n_pos} positions but pairs have {pairs.clean.shape[1]}")

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from circuitkd.circuits.base import batches, expand_pairs
+from circuitkd.circuits.base import batches
 from circuitkd.circuits.eap import scores_from_gradients
 from circuitkd.circuits.forward import patched_forward
 from circuitkd.circuits.graph import Circuit, ComponentGraph
@@ -49,7 +49,7 @@ def eap_ig(model, pairs: PromptPairs, *, metric: Metric, graph: ComponentGraph, 
                                       norm_scales=bv.clean.norm_scales,
                                       reader_grads=True, embed_override=emb.reshape(K * B, *emb.shape[2:]),
                                       n_copies=K)
-                value = evaluate_metric(metric, run.logits, expand_pairs(bv.pairs, K), bv.clean.logits).sum()
+                value = evaluate_metric(metric, run.logits, bv.pairs.repeat(K), bv.clean.logits).sum()
                 keys = list(run.leaves)
                 grads = torch.autograd.grad(value, [run.leaves[k] for k in keys], allow_unused=True)
             for k, g in zip(keys, grads):

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from circuitkd.circuits.base import batches, expand_pairs
+from circuitkd.circuits.base import batches
 from circuitkd.circuits.forward import native_edge_supported
 from circuitkd.circuits.graph import Circuit, ComponentGraph
 from circuitkd.errors import CircuitKDError
@@ -76,12 +76,12 @@ def _native_batch(model, graph: ComponentGraph, bv, metric: Metric, cells: torch
                   edges_per_forward: int) -> float:
     """Add one batch's per-edge metric sums to ``totals`` with the single-edge runner; return the clean sum."""
     from circuitkd.circuits.single_edge import SingleEdgeRunner
-    from circuitkd.patching import read_positions
+    from circuitkd.metrics import read_positions
 
     cfg = model.cfg
     B, P = bv.pairs.clean.shape
     runner = SingleEdgeRunner(model, graph, bv.pairs.clean, bv.pairs.attention_mask, bv.clean.outputs,
-                              bv.replacement, read_positions(model, bv.pairs, P))
+                              bv.replacement, read_positions(bv.pairs, P, bv.pairs.clean.device))
     clean_read = runner.clean_logits
     clean_total = float(evaluate_metric(metric, clean_read, bv.pairs, clean_read).sum())
     d, d_mlp, H = int(cfg.d_model), int(cfg.d_mlp or 0), int(cfg.n_heads)
@@ -91,6 +91,6 @@ def _native_batch(model, graph: ComponentGraph, bv, metric: Metric, cells: torch
     for group in runner.groups(cells, chunk):
         K = len(group)
         logits = runner.logits(group)  # [K B d_out]
-        m = evaluate_metric(metric, logits.reshape(K * B, -1), expand_pairs(bv.pairs, K), clean_read.repeat(K, 1))
+        m = evaluate_metric(metric, logits.reshape(K * B, -1), bv.pairs.repeat(K), clean_read.repeat(K, 1))
         totals[group] += m.view(K, B).sum(1).cpu()
     return clean_total

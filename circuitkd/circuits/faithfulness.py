@@ -16,8 +16,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from circuitkd.circuits.base import batches, check_pairs
+from circuitkd.circuits.base import batches
 from circuitkd.circuits.graph import Circuit
+from circuitkd.engine import check_pairs
 from circuitkd.errors import CircuitKDError
 from circuitkd.metrics import Metric, MetricArg, resolve_metric
 from circuitkd.types import PromptPairs

@@ -38,6 +38,7 @@ from circuitkd.circuits.graph import HEAD_PORTS, ComponentGraph
 from circuitkd.engine import forward as engine_forward
 from circuitkd.errors import CircuitKDError
 from circuitkd.hooks import Site
+from circuitkd import native
 from circuitkd.native import masked_softmax
 
 
@@ -60,12 +61,11 @@ def source_values(model, graph: ComponentGraph, inputs: Tensor,
     """One plain forward recording every source's output (and post-LN norm scales).
 
     On native pre-LN models with token inputs the forward runs on the weights without hooks
-    (:class:`circuitkd.patching.NativeExecutor`, equal to the bridge to float rounding); elsewhere
+    (:class:`circuitkd.native.NativeExecutor`, equal to the bridge to float rounding); elsewhere
     through the bridge's hooks.
     """
     if _NATIVE_SOURCES and not graph.post_ln and not inputs.is_floating_point():
-        from circuitkd.patching import fast_path_supported
-        if fast_path_supported(model):
+        if native.supported(model):
             return _native_source_values(model, graph, inputs, attention_mask)
     store: dict = {}
     fwd = []
@@ -103,9 +103,7 @@ _NATIVE_SOURCES = True
 
 def _native_source_values(model, graph: ComponentGraph, inputs: Tensor,
                           attention_mask: Optional[Tensor]) -> SourceValues:
-    from circuitkd.patching import NativeExecutor
-
-    ex = NativeExecutor(model)
+    ex = native.NativeExecutor(model)
     with torch.no_grad():
         c = ex.run(inputs, attention_mask, torch.zeros(inputs.shape[0], dtype=torch.long, device=inputs.device))
         parts = [c.resid_pre[0][:, :, None]]
@@ -424,9 +422,8 @@ def patched_forward(
 def native_edge_supported(model, graph: ComponentGraph) -> bool:
     """Whether :class:`NativeEdgeRunner` reproduces :func:`patched_forward` for this model and graph
     (a pre-LN native model with learned positions, an edge-level graph without positions, token inputs)."""
-    from circuitkd.patching import fast_path_supported
     return (graph.level == "edge" and not graph.per_position and not graph.post_ln
-            and fast_path_supported(model))
+            and native.supported(model))
 
 
 class NativeEdgeRunner:
@@ -446,11 +443,10 @@ class NativeEdgeRunner:
 
     def __init__(self, model, graph: ComponentGraph, inputs: Tensor, attention_mask: Optional[Tensor],
                  clean: SourceValues, replacement: Tensor):
-        from circuitkd.patching import NativeExecutor
         if not native_edge_supported(model, graph):
             raise CircuitKDError("the native edge runner needs a pre-LN native model and an edge-level graph")
         self.g = graph
-        self.ex = ex = NativeExecutor(model)
+        self.ex = ex = native.NativeExecutor(model)
         B, P = inputs.shape
         self.B, self.P = B, P
         with torch.no_grad():

@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from circuitkd.circuits.base import batches, expand_pairs
+from circuitkd.circuits.base import batches
 from circuitkd.circuits.forward import patched_forward
 from circuitkd.circuits.gradients import check_edge_graph, check_steps
 from circuitkd.circuits.graph import Circuit, ComponentGraph
@@ -55,7 +55,7 @@ def mask_gradient_ig(model, pairs: PromptPairs, *, metric: Metric, graph: Compon
             with torch.enable_grad():
                 run = patched_forward(model, graph, bv.pairs.clean, bv.pairs.attention_mask, ablate=masks,
                                       replacement=bv.replacement, norm_scales=bv.clean.norm_scales)
-                value = evaluate_metric(metric, run.logits, expand_pairs(bv.pairs, K), bv.clean.logits).sum()
+                value = evaluate_metric(metric, run.logits, bv.pairs.repeat(K), bv.clean.logits).sum()
                 (grad,) = torch.autograd.grad(value, masks)
             total += grad.sum(0).double().cpu()
         n += len(bv.pairs)

@@ -38,10 +38,8 @@ class SingleEdgeRunner:
 
     def __init__(self, model, graph: ComponentGraph, inputs: Tensor, attention_mask, clean_outputs: Tensor,
                  replacement: Tensor, read_pos: Tensor):
-        from circuitkd.patching import NativeExecutor
-
         self.g = graph
-        self.ex = ex = NativeExecutor(model)
+        self.ex = ex = native.NativeExecutor(model)
         with torch.no_grad():
             self.cache = ex.run(inputs, attention_mask, read_pos)
         B, P = inputs.shape
@@ -78,8 +76,6 @@ class SingleEdgeRunner:
 
         All ``cells`` must enter readers of one layer and kind (see :meth:`groups`).
         """
-        from circuitkd.patching import _after_mid, _finish
-
         g, ex, c, ar = self.g, self.ex, self.cache, self.ar
         src = (cells // g.n_readers).to(self.D.device)
         rdr = (cells % g.n_readers).tolist()
@@ -97,7 +93,7 @@ class SingleEdgeRunner:
             post = mid + F.linear(h, p["fc_out"].weight, p["fc_out"].bias)
             if layer == last:
                 return ex.logits(post[:, ar, c.read_pos])
-            return _finish(ex, c, layer + 1, ("dense", post))
+            return native.finish(ex, c, layer + 1, ("dense", post))
         heads = torch.tensor([g.readers[r][0].head for r in rdr], device=D.device)
         ports = torch.tensor([HEAD_PORTS.index(g.readers[r][1]) for r in rdr], device=D.device)
         x = ex.ln(c.resid_pre[layer][None] + D, p["ln1"])  # [K B P d]
@@ -118,4 +114,4 @@ class SingleEdgeRunner:
         pattern = native.masked_softmax(torch.matmul(q, k.transpose(-1, -2)) / ex.scale, blocked[:, 0][None])
         z = torch.matmul(pattern, v)  # [K B P dh]
         mid = c.resid_mid[layer][None] + torch.einsum("kbpe,ked->kbpd", z - z_old, W_O)
-        return _finish(ex, c, layer + 1, _after_mid(ex, c, layer, ("dense", mid)))
+        return native.finish(ex, c, layer + 1, native.after_mid(ex, c, layer, ("dense", mid)))

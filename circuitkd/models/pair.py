@@ -12,6 +12,16 @@ from circuitkd.models.build import spec_of
 from circuitkd.models.checkpoint import atomic_write_dir, load_checkpoint, save_checkpoint
 
 
+def layer_map(n_teacher: int, n_student: int) -> list[int]:
+    """Teacher layer for each student layer, evenly spaced by depth: ``[0, 2, 4, ...]`` when the teacher is
+    twice as deep (DistilBERT's initialisation). Used to initialise a student and to patch across models."""
+    if n_student > n_teacher:
+        raise CircuitKDError(
+            f"cannot map a {n_student}-layer student onto a {n_teacher}-layer teacher: the student is deeper"
+        )
+    return [i * n_teacher // n_student for i in range(n_student)]
+
+
 @dataclass
 class ModelPair:
     """A (debiased) teacher and the student distilled from it, with labels saying how each was made."""

@@ -38,6 +38,7 @@ from circuitkd.config import ModelSpec, TrainCfg
 from circuitkd.data.task import Split, Task
 from circuitkd.errors import CircuitKDError
 from circuitkd.models.build import build_model, check_image_input, model_device, spec_of
+from circuitkd.models.pair import layer_map
 from circuitkd.models.checkpoint import (
     full_state_dict, is_checkpoint, load_checkpoint, load_full_state_dict, save_checkpoint,
 )
@@ -110,15 +111,6 @@ def make_kd_loss(teacher_logits: Tensor, *, temperature: float, alpha: float,
 
     loss_fn.wraps = (label_loss,)  # type: ignore[attr-defined]  # its state is resumed with the KD loss's
     return loss_fn
-
-
-def layer_map(n_teacher: int, n_student: int) -> list[int]:
-    """Teacher layer for each student layer: evenly spaced, ``[0, 2, 4, ...]`` when the teacher is twice as deep."""
-    if n_student > n_teacher:
-        raise CircuitKDError(
-            f"cannot initialise a {n_student}-layer student from a {n_teacher}-layer teacher: the student is deeper"
-        )
-    return [i * n_teacher // n_student for i in range(n_student)]
 
 
 def init_from_teacher(student, teacher) -> list[int]:

@@ -82,7 +82,7 @@ def test_native_edge_runner_read_positions_equal_its_full_logits(kind):
     """ACDC's runner computing only the read positions in the last layer equals its full logits there."""
     from circuitkd.circuits.base import batches
     from circuitkd.circuits.forward import NativeEdgeRunner
-    from circuitkd.patching import read_positions
+    from circuitkd.metrics import read_positions
 
     torch.manual_seed(0)
     model = build_model(SPECS[kind], device="cpu")
@@ -90,7 +90,7 @@ def test_native_edge_runner_read_positions_equal_its_full_logits(kind):
     g = C.ComponentGraph.from_model(model)
     (bv,) = batches(model, g, pairs, batch_size=64)
     runner = NativeEdgeRunner(model, g, bv.pairs.clean, bv.pairs.attention_mask, bv.clean, bv.replacement)
-    read = read_positions(model, bv.pairs, bv.pairs.clean.shape[1])
+    read = read_positions(bv.pairs, bv.pairs.clean.shape[1])
     gen = torch.Generator().manual_seed(2)
     for start in [0, g.reader_slice("head", 1).start, g.reader_slice("mlp", 1).start, g.reader_slice("output").start]:
         w = (torch.rand((3,) + g.shape, generator=gen) < 0.4).float()

@@ -150,7 +150,7 @@ def test_variants_are_chunk_invariant_and_discoverable_on_every_backbone(model_a
     cc = C.clean_corrupted(model, pairs, metric=C.logit_diff, graph=graph)
     if kind != "bert":  # pre-LN: the differences are the same on both runs, so this is (EAP noising - denoising) / 2
         noise = C.eap(model, pairs, metric=C.logit_diff, graph=graph).scores
-        denoise = C.eap(model, pairs, metric=C.logit_diff, graph=graph, direction="denoising").scores
+        denoise = C.eap(model, pairs, metric=C.logit_diff, graph=graph, direction="denoise").scores
         torch.testing.assert_close(cc.scores, (noise - denoise) / 2, atol=1e-5, rtol=1e-4)
     for method, options in (("eap-ig-activations", {"steps": 2}), ("clean-corrupted", {}),
                             ("mask-gradient-ig", {"steps": 2})):

@@ -195,10 +195,10 @@ def _reader_gradients(setup, tokens, metric, embed=None, first_hooks=()):
     return grads
 
 
-@pytest.mark.parametrize("direction", ["noising", "denoising"])
+@pytest.mark.parametrize("direction", ["noise", "denoise"])
 def test_eap_equals_hand_gradient_times_difference(setup, direction):
     model, pairs, graph, clean_src, corrupt_src, *_ = setup
-    base, delta = (pairs.clean, corrupt_src - clean_src) if direction == "noising" \
+    base, delta = (pairs.clean, corrupt_src - clean_src) if direction == "noise" \
         else (pairs.corrupt, clean_src - corrupt_src)
     grads = _reader_gradients(setup, base, lambda lg: _logit_diff(lg, pairs))
     ref = torch.zeros(graph.shape)

@@ -58,7 +58,7 @@ def test_eap_equals_transformer_lens_attribution_patching_on_gpt2():
     clean, corrupt = torch.randint(0, 20, (3, 6), generator=g), torch.randint(0, 20, (3, 6), generator=g)
     pairs = PromptPairs(clean=clean, corrupt=corrupt, clean_answer=torch.tensor([1, 2, 3]),
                         corrupt_answer=torch.tensor([4, 5, 6]), position=-1)
-    ours = C.discover(model, pairs, "eap", per_position=True, direction="denoising")
+    ours = C.discover(model, pairs, "eap", per_position=True, direction="denoise")
     graph = ours.graph
     theirs = torch.zeros(graph.shape)
     for i in range(3):

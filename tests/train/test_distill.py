@@ -9,7 +9,8 @@ import circuitkd as ckd
 from circuitkd.config import ModelSpec, TrainCfg
 from circuitkd.errors import CircuitKDError
 from circuitkd.evaluate import predict_logits
-from circuitkd.train.distill import init_from_teacher, kd_loss, layer_map, make_kd_loss
+from circuitkd.models.pair import layer_map
+from circuitkd.train.distill import init_from_teacher, kd_loss, make_kd_loss
 from circuitkd.train.loop import Batch
 from tests.train.toy import toy_task
 
