@@ -222,23 +222,23 @@ def test_matching_recovers_a_permutation_of_the_teachers_heads(similarity):
     student = permuted_heads(teacher, perm)
     x, m = task.ood_test.inputs, task.ood_test.attention_mask
     assert torch.allclose(class_logits(student, x, m), class_logits(teacher, x, m), atol=1e-5)
-    diff = A.diff_attention(teacher, student, task, n=None, batch_size=5, similarity=similarity, confirm=False)
-    assert [(s, t) for s, t, _ in diff.matching] == [((0, i), (0, perm[i])) for i in range(4)]
+    diff = A.diff_attention(teacher, student, task, n=None, batch_size=5, similarity=similarity, confirm="none")
+    assert [(s, t) for t, s, _ in diff.matching] == [((0, i), (0, perm[i])) for i in range(4)]
     assert all(sim > 0.999 for _, _, sim in diff.matching)
     assert diff.matching_method == "hungarian (one-to-one, 0 of 4 teacher heads unmatched)"
     assert torch.allclose(diff.shortcut_change, torch.zeros(4), atol=1e-5)
     assert not torch.allclose(diff.js.diagonal(), torch.zeros(4), atol=1e-6)  # identity would be wrong
-    js_perm = torch.stack([diff.js[i, perm[i]] for i in range(4)])
+    js_perm = torch.stack([diff.js[perm[i], i] for i in range(4)])  # [teacher, student]
     assert torch.allclose(js_perm, torch.zeros(4), atol=1e-6)
 
 
 def test_match_heads_rectangular_and_greedy():
-    sim = torch.tensor([[0.9, 0.8, 0.1], [0.85, 0.2, 0.3]])
+    sim = torch.tensor([[0.9, 0.8, 0.1], [0.85, 0.2, 0.3]]).T  # [teacher 3, student 2]
     pairs, method = A.match_heads(sim, method="hungarian")
-    assert [(s, t) for s, t, _ in pairs] == [(0, 1), (1, 0)]  # one-to-one beats both taking column 0
+    assert [(s, t) for t, s, _ in pairs] == [(0, 1), (1, 0)]  # one-to-one beats both taking teacher 0
     assert method == "hungarian (one-to-one, 1 of 3 teacher heads unmatched)"
     pairs, method = A.match_heads(sim, method="greedy")
-    assert [(s, t) for s, t, _ in pairs] == [(0, 0), (1, 0)]
+    assert [(s, t) for t, s, _ in pairs] == [(0, 0), (1, 0)]
     assert method.startswith("greedy") and "1 of 3 teacher heads used" in method
     pairs, method = A.match_heads(sim.T, method="hungarian")
     assert len(pairs) == 2 and "1 of 3 student heads unmatched" in method
@@ -267,7 +267,9 @@ def test_linear_cka_closed_form():
     assert A.linear_cka(x, y) == pytest.approx(gram_cka(x, y), abs=1e-6)
     assert A.linear_cka(x @ q, y) == pytest.approx(A.linear_cka(x, y), abs=1e-6)
     # streamed in pieces: the same number
-    acc = A._CKA(1, 1, 8, 5)
+    from circuitkd.attention.similarity import _CKA
+
+    acc = _CKA(1, 1, 8, 5)
     for lo in range(0, 50, 7):
         acc.update([x[lo:lo + 7]], [y[lo:lo + 7]])
     assert float(acc.result()[0, 0]) == pytest.approx(gram_cka(x, y), abs=1e-6)
@@ -278,10 +280,10 @@ def test_linear_cka_closed_form():
 def test_model_against_itself_cka_one_on_the_diagonal():
     task = nli_like_task(8)
     model = tiny(n_layers=2, n_heads=2)
-    diff = A.diff_attention(model, model, task, n=None, confirm=False)
+    diff = A.diff_attention(model, model, task, n=None, confirm="none")
     assert torch.allclose(diff.cka.diagonal(), torch.ones(2), atol=1e-5)
-    assert [(s, t) for s, t, _ in diff.matching] == [(h, h) for h in [(0, 0), (0, 1), (1, 0), (1, 1)]]
-    read = A.diff_attention(model, model, task, n=None, confirm=False, cka_positions="read")
+    assert [(s, t) for t, s, _ in diff.matching] == [(h, h) for h in [(0, 0), (0, 1), (1, 0), (1, 1)]]
+    read = A.diff_attention(model, model, task, n=None, confirm="none", cka_positions="read")
     assert torch.allclose(read.cka.diagonal(), torch.ones(2), atol=1e-5)
 
 
@@ -351,10 +353,10 @@ def test_diff_of_models_of_different_depth_width_and_head_count():
     teacher = tiny(n_layers=2, n_heads=4, d_model=32)
     student = tiny(n_layers=1, n_heads=2, d_model=16, seed=1)
     diff = A.diff_attention(teacher, student, task, n=None, batch_size=4)
-    assert diff.cka.shape == (1, 2) and diff.similarity.shape == (2, 8)
+    assert diff.cka.shape == (1, 2) and diff.similarity.shape == (8, 2)
     assert diff.matching_method == "hungarian (one-to-one, 6 of 8 teacher heads unmatched)"
     assert len(diff.matching) == 2 and diff.shortcut_change.shape == (2,)
-    (sl, sh), (tl, th), _ = diff.matching[0]
+    (tl, th), (sl, sh), _ = diff.matching[0]
     expected = diff.student.from_read["shortcut"][sl, sh] - diff.teacher.from_read["shortcut"][tl, th]
     assert float(diff.shortcut_change[0]) == pytest.approx(float(expected), abs=1e-6)
     assert 0 <= float(diff.js.min()) and float(diff.js.max()) <= math.log(2) + 1e-6
@@ -369,7 +371,7 @@ def test_diff_of_models_of_different_depth_width_and_head_count():
     assert diff.example.image is None and diff.example.read_position == 0
     assert set(diff.example.shortcut_classes) == set(diff.shortcut)
     assert sorted(p for ps in diff.example.shortcut_classes.values() for p in ps) == diff.example.shortcut_positions
-    greedy = A.diff_attention(teacher, student, task, n=None, matching="greedy", similarity="corr", confirm=False)
+    greedy = A.diff_attention(teacher, student, task, n=None, matching="greedy", similarity="corr", confirm="none")
     assert greedy.matching_method.startswith("greedy") and greedy.similarity_kind == "corr"
 
 
@@ -377,13 +379,13 @@ def test_diff_for_bert_and_vit_bridges():
     task = nli_like_task(6)
     bert = tiny("bert")
     native = tiny(n_layers=1, n_heads=2)
-    diff = A.diff_attention(bert, native, task, n=None, confirm=False)
+    diff = A.diff_attention(bert, native, task, n=None, confirm="none")
     assert diff.teacher.backbone == "bert" and diff.cka.shape == (1, 1)
     split = colored_split()
     vt = build_model(ModelSpec.preset("vit-student", n_classes=2, d_model=32, n_layers=2), device="cpu")
     vs = build_model(ModelSpec.preset("vit-student", n_classes=2, d_model=16, n_layers=1, n_heads=2), device="cpu")
     diff = A.diff_attention(vt, vs, split, n=None, batch_size=4)
-    assert diff.similarity.shape == (2, 8) and diff.cka.shape == (1, 2)
+    assert diff.similarity.shape == (8, 2) and diff.cka.shape == (1, 2)
     assert diff.example.labels[0] == "CLS" and diff.example.length == 17
     ex = diff.example  # carries the picture, for the attention-over-the-image figure
     assert torch.equal(ex.image, split.inputs[ex.index]) and ex.read_position == 0
@@ -398,10 +400,10 @@ def test_errors_name_the_problem():
         A.attention_stats(model, task, shortcut="cues")
     other = build_model(ModelSpec.preset("tiny", d_vocab=VOCAB + 5, n_ctx=SEQ, n_classes=3), device="cpu")
     with pytest.raises(CircuitKDError, match="different vocabularies: 24 vs 29"):
-        A.diff_attention(model, other, task, confirm=False)
+        A.diff_attention(model, other, task, confirm="none")
     two = build_model(ModelSpec.preset("tiny", d_vocab=VOCAB, n_ctx=SEQ, n_classes=2), device="cpu")
     with pytest.raises(CircuitKDError, match="2 classes but task 'nli-like' has 3"):
-        A.diff_attention(model, two, task, confirm=False)
+        A.diff_attention(model, two, task, confirm="none")
     small = build_model(ModelSpec.preset("tiny", d_vocab=12, n_ctx=SEQ, n_classes=3), device="cpu")
     with pytest.raises(CircuitKDError, match="vocabulary of 12 tokens"):
         A.attention_stats(small, task)

@@ -46,14 +46,14 @@ class CircuitComparison:
 def head_matching(teacher: Circuit, student: Circuit,
                   pairs: list[tuple[tuple[int, int], tuple[int, int], float]]) -> dict[Node, Optional[Node]]:
     """Teacher node -> student node with heads matched by function: ``pairs`` of
-    ``((student layer, head), (teacher layer, head), similarity)`` as
+    ``((teacher layer, head), (student layer, head), similarity)`` as
     :attr:`circuitkd.attention.AttentionDiff.matching` holds them. Unmatched teacher heads map
     to None; the embedding, MLPs and output keep the relative-depth matching."""
     out = depth_matching(teacher, student)
     for node in out:
         if node.kind == "head":
             out[node] = None
-    for (sl, sh), (tl, th), _ in pairs:
+    for (tl, th), (sl, sh), _ in pairs:
         out[Node("head", tl, th)] = Node("head", sl, sh)
     return out
 

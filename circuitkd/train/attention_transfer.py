@@ -88,19 +88,19 @@ def _explicit_matching(matching: Any) -> tuple[tuple[HeadId, HeadId], ...]:
     pairs = getattr(matching, "matching", matching)  # an AttentionDiff gives its .matching
     if isinstance(pairs, (str, bytes)) or not hasattr(pairs, "__iter__"):
         raise CircuitKDError(f"matching must be one of {MATCHINGS}, an AttentionDiff or a list of "
-                             f"((student layer, head), (teacher layer, head)) pairs, got {matching!r}")
+                             f"((teacher layer, head), (student layer, head)) pairs, got {matching!r}")
     out = []
     for i, pair in enumerate(pairs):
         if isinstance(pair, dict):  # AttentionDiff.to_dict() rows: {"student": "1.0", "teacher": "2.3"}
-            pair = tuple(tuple(int(x) for x in str(pair[k]).split(".")) for k in ("student", "teacher"))
+            pair = tuple(tuple(int(x) for x in str(pair[k]).split(".")) for k in ("teacher", "student"))
         try:
-            s, t = pair[0], pair[1]
+            t, s = pair[0], pair[1]
         except (TypeError, IndexError, KeyError):
-            raise CircuitKDError(f"matching pair {i} must be ((student layer, head), (teacher layer, head)[, "
+            raise CircuitKDError(f"matching pair {i} must be ((teacher layer, head), (student layer, head)[, "
                                  f"similarity]), got {pair!r}") from None
-        out.append((_head(s, f"matching pair {i}'s student head"), _head(t, f"matching pair {i}'s teacher head")))
+        out.append((_head(t, f"matching pair {i}'s teacher head"), _head(s, f"matching pair {i}'s student head")))
     if not out:
-        raise CircuitKDError("matching is empty: no (student head, teacher head) pairs to transfer")
+        raise CircuitKDError("matching is empty: no (teacher head, student head) pairs to transfer")
     return tuple(out)
 
 
@@ -119,7 +119,7 @@ class AttentionTransfer:
         matching: "depth" (relative depth, the default); an :class:`~circuitkd.attention.AttentionDiff`
             (its Hungarian-by-pattern matching, e.g. ``diff_attention(teacher, kd_student, task)`` of the
             plain-KD student of the same spec and seed, whose head slots start from the same
-            initialisation); or a list of ``((student layer, head), (teacher layer, head)[, similarity])``.
+            initialisation); or a list of ``((teacher layer, head), (student layer, head)[, similarity])``.
         teacher_heads: transfer only to/from these teacher heads (e.g. the teacher's shortcut heads).
         student_heads: transfer only into these student heads (e.g. the heads the diff flags).
         circuit: circuit-guided variant: an int ``k`` (discover the teacher's circuit on
@@ -310,10 +310,10 @@ def plan_transfer(cfg: AttentionTransfer, teacher, student, task: Optional[Task]
         pairs4 = depth_matching((Lt, Ht), _shape(student), targets)
         method = "depth (one-to-one by relative depth)"
     else:
-        _check_in([s for s, _ in cfg.matching], student, "student", "the matching")
-        _check_in([t for _, t in cfg.matching], teacher, "teacher", "the matching")
+        _check_in([s for _, s in cfg.matching], student, "student", "the matching")
+        _check_in([t for t, _ in cfg.matching], teacher, "teacher", "the matching")
         keep = set(targets)
-        pairs4 = [(*s, *t) for s, t in cfg.matching if t in keep]
+        pairs4 = [(*s, *t) for t, s in cfg.matching if t in keep]
         method = "given (e.g. diff_attention's Hungarian by pattern)"
     if cfg.student_heads is not None:
         _check_in(cfg.student_heads, student, "student", "student_heads")

@@ -30,7 +30,7 @@ def _pair_with_largest_change(diff: AttentionDiff) -> tuple[tuple[int, int], tup
     if not diff.matching:
         raise CircuitKDError("the diff has no matched heads")
     i = int(diff.shortcut_change.abs().argmax())
-    student, teacher, _ = diff.matching[i]
+    teacher, student, _ = diff.matching[i]
     return teacher, student
 
 
@@ -50,19 +50,19 @@ def choose_pair(diff: AttentionDiff, teacher_head: Optional[tuple[int, int]] = N
     if teacher_head is None and student_head is None:
         teacher_head, student_head = _pair_with_largest_change(diff)
     elif teacher_head is None:
-        mates = [t for s, t, _ in diff.matching if s == tuple(student_head)]
+        mates = [t for t, s, _ in diff.matching if s == tuple(student_head)]
         if not mates:
             raise CircuitKDError(f"student head {head_name(*student_head)} is matched to no teacher head; "
                                  "pass teacher_head too")
         teacher_head = mates[0]
     elif student_head is None:
-        mates = [s for s, t, _ in diff.matching if t == tuple(teacher_head)]
+        mates = [s for t, s, _ in diff.matching if t == tuple(teacher_head)]
         if not mates:
             raise CircuitKDError(f"teacher head {head_name(*teacher_head)} is matched to no student head "
                                  f"({diff.matching_method}); pass student_head too")
         student_head = mates[0]
     teacher_head, student_head = tuple(teacher_head), tuple(student_head)
-    sim = [m for s, t, m in diff.matching if s == student_head and t == teacher_head]
+    sim = [m for t, s, m in diff.matching if s == student_head and t == teacher_head]
     return teacher_head, student_head, (float(sim[0]) if sim else None)
 
 
@@ -165,13 +165,13 @@ def _text_attention(ex, patterns: dict, heads: dict, shortcut: list[int]) -> go.
 
 
 def _image_attention(ex, patterns: dict, heads: dict, shortcut: list[int]) -> go.Figure:
-    from circuitkd.attention import _patch_grid
+    from circuitkd.attention.common import patch_grid
 
     image = ex.image
     if image.dim() != 3:
         raise CircuitKDError(f"the example image has shape {tuple(image.shape)}; expected [channel height width]")
     _, height, width = image.shape
-    rows, cols = _patch_grid(ex.length, height, width)
+    rows, cols = patch_grid(ex.length, height, width)
     ph, pw = height // rows, width // cols
     lo, hi = float(image.min()), float(image.max())
     rgb = ((image - lo) / (hi - lo if hi > lo else 1.0) * 255).round().byte()
@@ -226,7 +226,7 @@ def shortcut_heatmaps(diff: AttentionDiff, cls: str = SHORTCUT, *, source: str =
     s = diff.student.shortcut_attention(cls, source=source)
     change = [[None] * s.shape[1] for _ in range(s.shape[0])]
     partner = [[""] * s.shape[1] for _ in range(s.shape[0])]
-    for (sl, sh), (tl, th), _ in diff.matching:
+    for (tl, th), (sl, sh), _ in diff.matching:
         change[sl][sh] = float(s[sl, sh] - t[tl, th])
         partner[sl][sh] = head_name(tl, th)
     finite = [abs(v) for row in change for v in row if v is not None]
@@ -269,7 +269,7 @@ def matching_figure(diff: AttentionDiff) -> go.Figure:
     fig = go.Figure()
     sims = [m[2] for m in diff.matching]
     lo, hi = (min(sims), max(sims)) if sims else (0.0, 1.0)
-    for i, (s, t, sim) in enumerate(diff.matching):
+    for i, (t, s, sim) in enumerate(diff.matching):
         frac = 0.5 if hi == lo else (sim - lo) / (hi - lo)
         fig.add_trace(go.Scatter(
             x=[0, 1], y=[y_t[t], y_s[s]], mode="lines", showlegend=False,

@@ -33,7 +33,7 @@ def head_effects_figure(teacher: Mapping[str, Any], student: Mapping[str, Any], 
         teacher, student: dicts with ``effect`` (``[layer, head]`` nested lists or a tensor) and
             optionally ``sensitivity`` (the metric's clean − corrupt drop), as written by
             :func:`circuitkd.study.analyse_run`.
-        matching: ``[((student layer, head), (teacher layer, head), similarity), ...]``
+        matching: ``[((teacher layer, head), (student layer, head), similarity), ...]``
             (:attr:`circuitkd.attention.AttentionDiff.matching`); each matched head is outlined
             and names its partner under its value (``≙S0.1``), unmatched teacher heads stay plain.
 
@@ -42,7 +42,7 @@ def head_effects_figure(teacher: Mapping[str, Any], student: Mapping[str, Any], 
     head that does nothing" reads without hovering.
     """
     t, s = _effects(teacher, "teacher"), _effects(student, "student")
-    pairs = [(tuple(sh), tuple(th), float(sim)) for sh, th, sim in (matching or [])]
+    pairs = [(tuple(sh), tuple(th), float(sim)) for th, sh, sim in (matching or [])]
     for sh, th, _ in pairs:
         if not (0 <= sh[0] < s.shape[0] and 0 <= sh[1] < s.shape[1]):
             raise CircuitKDError(f"the matching names student head {sh[0]}.{sh[1]}, which the "

@@ -64,8 +64,8 @@ def test_head_matching_from_attention_overrides_depth_for_heads_only():
     head = lambda l, h: Node("head", l, h)  # noqa: E731
     teacher = _circuit(4, {Edge(head(3, 1), Node("output")): -3.0})
     student = _circuit(2, {Edge(head(0, 1), Node("output")): -2.0})
-    # student head 0.1 behaves like teacher head 3.1 (as diff_attention's matching would say)
-    node_map = head_matching(teacher, student, [((0, 1), (3, 1), 0.9), ((1, 0), (0, 0), 0.8)])
+    # teacher head 3.1 behaves like student head 0.1 (as diff_attention's matching would say, teacher first)
+    node_map = head_matching(teacher, student, [((3, 1), (0, 1), 0.9), ((0, 0), (1, 0), 0.8)])
     assert node_map[head(3, 1)] == head(0, 1) and node_map[head(0, 0)] == head(1, 0)
     assert node_map[head(2, 0)] is None  # unmatched teacher heads have no counterpart
     assert node_map[Node("mlp", 3)] == Node("mlp", 1) and node_map[Node("embed")] == Node("embed")

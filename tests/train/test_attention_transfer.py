@@ -150,8 +150,8 @@ def test_student_with_another_head_count_through_a_matching(task, teacher):
     student = ckd.distill(teacher, wide, task, alpha=0.0, seed=0, cfg=CFG.replace(steps=5),
                           attention_transfer=AttentionTransfer())
     assert len(student.circuitkd_train["kd"]["attention_transfer"]["pairs"]) == 4
-    # An explicit matching (the shape diff_attention's has): student 0.3 <- teacher 1.1, 0.0 <- 0.0.
-    matching = [((0, 3), (1, 1), 0.9), ((0, 0), (0, 0), 0.5)]
+    # An explicit matching (the shape diff_attention's has, teacher first): teacher 1.1 -> student 0.3, 0.0 -> 0.0.
+    matching = [((1, 1), (0, 3), 0.9), ((0, 0), (0, 0), 0.5)]
     student = ckd.build_model(wide, task, device="cpu")
     plan = plan_transfer(AttentionTransfer(matching=matching), teacher, student, task)
     assert plan.pairs == [(0, 0, 0, 0), (0, 3, 1, 1)]
@@ -165,9 +165,9 @@ def test_diff_attention_matching_is_accepted():
     task = ckd.data.synthetic_nli(seed=0, n_train=200, n_id=64, n_ood=64)
     teacher = ckd.build_model(ModelSpec.preset("tiny", n_layers=2), task, device="cpu")
     student = ckd.build_model(ModelSpec.preset("tiny", n_heads=4), task, device="cpu")
-    diff = ckd.diff_attention(teacher, student, task, n=32, confirm=False)
+    diff = ckd.diff_attention(teacher, student, task, n=32, confirm="none")
     plan = plan_transfer(AttentionTransfer(matching=diff), teacher, student, task)
-    assert plan.pairs == sorted((*s, *t) for s, t, _ in diff.matching)
+    assert plan.pairs == sorted((*s, *t) for t, s, _ in diff.matching)
     # The JSON form of the same matching also works.
     plan2 = plan_transfer(AttentionTransfer(matching=diff.to_dict()["matching"]), teacher, student, task)
     assert plan2.pairs == plan.pairs
@@ -230,9 +230,9 @@ def test_bad_coefficient(task, teacher, no_training, coef):
 
 
 @pytest.mark.parametrize("at, match", [
-    (dict(matching=[((0, 2), (0, 0))]), "0.2, which the student does not have"),
-    (dict(matching=[((2, 0), (0, 0))]), "2.0, which the student does not have"),
-    (dict(matching=[((0, 0), (5, 0))]), "5.0, which the teacher does not have"),
+    (dict(matching=[((0, 0), (0, 2))]), "0.2, which the student does not have"),
+    (dict(matching=[((0, 0), (2, 0))]), "2.0, which the student does not have"),
+    (dict(matching=[((5, 0), (0, 0))]), "5.0, which the teacher does not have"),
     (dict(student_heads=[(0, 7)]), "0.7, which the student does not have"),
     (dict(teacher_heads=[(3, 0)]), "3.0, which the teacher does not have"),
     (dict(matching=[((0, 0), (0, 0))], student_heads=[(1, 1)]), "nothing to transfer"),

@@ -18,7 +18,7 @@ def diff():
     task = nli_like_task(8)
     teacher = tiny(n_layers=2, n_heads=4, d_model=32)
     student = tiny(n_layers=1, n_heads=2, d_model=16, seed=1)
-    return A.diff_attention(teacher, student, task, n=None, confirm=False)
+    return A.diff_attention(teacher, student, task, n=None, confirm="none")
 
 
 @pytest.fixture(autouse=True)
@@ -41,7 +41,7 @@ def test_pattern_figure_shows_a_matched_pair_on_the_tokens_with_shortcuts_marked
     from circuitkd.viz.attention import pattern_figure
 
     ex = diff.example
-    (s_head, t_head, sim) = diff.matching[1]
+    (t_head, s_head, sim) = diff.matching[1]
     fig = pattern_figure(diff, student_head=s_head)  # the teacher head matched to it is chosen
     assert isinstance(fig, go.Figure)
     (t_map,), (s_map,) = _roles(fig, "pattern", "teacher"), _roles(fig, "pattern", "student")
@@ -66,13 +66,13 @@ def test_pattern_figure_shows_a_matched_pair_on_the_tokens_with_shortcuts_marked
     assert f"→ {mass:.2f}" in title
     default = pattern_figure(diff)  # the pair whose shortcut attention changed most
     i = int(diff.shortcut_change.abs().argmax())
-    assert f"student head {A.head_name(*diff.matching[i][0])}" in default.layout.title.text
+    assert f"student head {A.head_name(*diff.matching[i][1])}" in default.layout.title.text
     unmatched = pattern_figure(diff, teacher_head=(0, 0), student_head=s_head)
     assert "not matched to each other" in unmatched.layout.title.text
     with pytest.raises(CircuitKDError, match="student head 3.0 does not exist"):
         pattern_figure(diff, teacher_head=(0, 0), student_head=(3, 0))
     unmatched_teacher = next((la, h) for la in range(2) for h in range(4)
-                             if (la, h) not in [t for _, t, _ in diff.matching])
+                             if (la, h) not in [t for t, _, _ in diff.matching])
     with pytest.raises(CircuitKDError, match="matched to no student head"):
         pattern_figure(diff, teacher_head=unmatched_teacher)
 
@@ -116,7 +116,7 @@ def test_shortcut_heatmaps_and_matched_difference(diff):
     t, s, d = fig.data
     assert list(map(list, t.z)) == diff.teacher.from_read["shortcut"].tolist()
     assert list(map(list, s.z)) == diff.student.from_read["shortcut"].tolist()
-    for i, ((sl, sh), _, _) in enumerate(diff.matching):
+    for i, (_, (sl, sh), _) in enumerate(diff.matching):
         assert d.z[sl][sh] == pytest.approx(float(diff.shortcut_change[i]), abs=1e-6)
     assert "hungarian" in fig.layout.title.text
     neg = shortcut_heatmaps(diff, "negation", source="all")

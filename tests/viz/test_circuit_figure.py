@@ -38,7 +38,7 @@ def make_circuit(n_layers: int, n_heads: int, kept: dict, unkept: dict | None = 
 
 
 # teacher 3 layers x 3 heads, student 2 x 2; student 0.0 ~ teacher 0.1, 1.1 ~ 2.2, 0.1 ~ 1.2, 1.0 ~ 2.0
-MATCHES = [((0, 0), (0, 1), 0.9), ((1, 1), (2, 2), 0.8), ((0, 1), (1, 2), 0.7), ((1, 0), (2, 0), 0.6)]
+MATCHES = [((0, 1), (0, 0), 0.9), ((2, 2), (1, 1), 0.8), ((1, 2), (0, 1), 0.7), ((2, 0), (1, 0), 0.6)]
 TEACHER = {Edge(EMBED, head(0, 1), "k"): -0.5, Edge(head(0, 1), head(2, 2), "v"): 0.8,
            Edge(head(2, 2), OUT): -1.2, Edge(head(1, 0), Node("mlp", 1)): 0.3,
            Edge(Node("mlp", 0), head(2, 2), "q"): 0.2}

@@ -10,7 +10,7 @@ from circuitkd.viz.patching import head_effects_figure
 TEACHER = {"effect": [[0.1, -0.2, 0.0], [0.05, 0.6, -0.1], [0.0, 0.2, 0.3]], "sensitivity": 1.5}
 STUDENT = {"effect": torch.tensor([[-0.9, 0.1], [0.2, 0.0]]), "sensitivity": 2.25}
 # student 0.0 ~ teacher 2.2, 0.1 ~ teacher 1.1, 1.0 ~ teacher 0.0
-MATCHING = [((0, 0), (2, 2), 0.9), ((0, 1), (1, 1), 0.8), ((1, 0), (0, 0), 0.4)]
+MATCHING = [((2, 2), (0, 0), 0.9), ((1, 1), (0, 1), 0.8), ((0, 0), (1, 0), 0.4)]
 
 
 def _cells(fig, xref: str) -> dict[tuple[int, int], str]:
@@ -49,7 +49,7 @@ def test_without_a_matching_only_the_strongest_heads_are_marked():
 
 def test_bad_input_is_named():
     with pytest.raises(CircuitKDError, match="student head 4.0, which the 2x2 student effect map does not have"):
-        head_effects_figure(TEACHER, STUDENT, matching=[((4, 0), (0, 0), 1.0)])
+        head_effects_figure(TEACHER, STUDENT, matching=[((0, 0), (4, 0), 1.0)])
     with pytest.raises(CircuitKDError, match=r"teacher patching effect has shape \(3,\)"):
         head_effects_figure({"effect": [1.0, 2.0, 3.0]}, STUDENT)
     with pytest.raises(CircuitKDError, match="no 'effect'"):

@@ -42,7 +42,7 @@ def figures():
     cmp = ckd.compare_circuits(teacher_c, student_c, matching=head_matching(teacher_c, student_c, MATCHES))
     torch.manual_seed(0)
     diff = A.diff_attention(tiny(n_layers=2, n_heads=4, d_model=32), tiny(n_layers=1, n_heads=2, d_model=16, seed=1),
-                            nli_like_task(8), n=None, confirm=False)
+                            nli_like_task(8), n=None, confirm="none")
     g = torch.Generator().manual_seed(0)
     image = torch.zeros(3, 8, 8)
     image[0, :4, 4:] = 1.0
