@@ -14,10 +14,9 @@ from typing import Optional
 import torch
 
 from circuitkd.circuits.base import batches
-from circuitkd.circuits.forward import patched_forward
 from circuitkd.circuits.graph import HEAD_PORTS, Circuit, ComponentGraph
 from circuitkd.errors import CircuitKDError
-from circuitkd.metrics import Metric, evaluate_metric
+from circuitkd.metrics import Metric
 from circuitkd.types import Direction, PromptPairs
 
 
@@ -54,6 +53,8 @@ def scores_from_gradients(graph: ComponentGraph, deltas: dict, grads: dict, n_he
 def eap(model, pairs: PromptPairs, *, metric: Metric, graph: ComponentGraph, ablation: str = "corrupt",
         batch_size: int = 32, direction: Direction | str = Direction.NOISE, mean_values: Optional[torch.Tensor] = None) -> Circuit:
     """EAP edge scores: one clean (or corrupt) forward + backward and one other forward per batch."""
+    from circuitkd.circuits.gradients import source_deltas, summed_reader_gradients
+
     direction = Direction.parse(direction)
     if graph.level != "edge":
         raise CircuitKDError("EAP scores edges; use method='exact' for a node-level graph")
@@ -65,14 +66,9 @@ def eap(model, pairs: PromptPairs, *, metric: Metric, graph: ComponentGraph, abl
             base, base_vals, rep = bv.pairs.clean, bv.clean, bv.replacement
         else:
             base, base_vals, rep = bv.pairs.corrupt, bv.corrupt, bv.clean.outputs
-        with torch.enable_grad():
-            run = patched_forward(model, graph, base, bv.pairs.attention_mask, replacement=rep,
-                                  norm_scales=base_vals.norm_scales, reader_grads=True, record_deltas=True)
-            value = evaluate_metric(metric, run.logits, bv.pairs, bv.clean.logits).sum()
-            keys = list(run.leaves)
-            grads = torch.autograd.grad(value, [run.leaves[k] for k in keys], allow_unused=True)
-        grads = {k: (torch.zeros_like(run.leaves[k]) if g is None else g) for k, g in zip(keys, grads)}
-        s = scores_from_gradients(graph, run.deltas, grads, graph.n_heads)
+        deltas = source_deltas(model, graph, bv, inputs=base, base=base_vals, replacement=rep)
+        grads = summed_reader_gradients(model, graph, bv, metric, base, norm_scales=base_vals.norm_scales)
+        s = scores_from_gradients(graph, deltas, grads, graph.n_heads)
         total = s if total is None else total + s
         n += len(bv.pairs)
     return Circuit(graph, (total / n).float(), method="eap",

@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 
+from circuitkd.circuits import native_gradients
 from circuitkd.circuits.base import batches
 from circuitkd.circuits.forward import patched_forward
 from circuitkd.circuits.gradients import check_edge_graph, check_steps
@@ -36,21 +37,31 @@ def mask_gradient_ig(model, pairs: PromptPairs, *, metric: Metric, graph: Compon
                      mean_values: Optional[torch.Tensor] = None) -> Circuit:
     """Mask-gradient IG edge scores ``[source reader]`` (``[pos source reader]`` per position).
 
-    Per batch ``steps + 1`` edge-patched forwards + backwards, ``steps_per_forward`` of them (default all)
-    in the batch dimension of one forward, copy ``k`` with every mask at its own ``alpha``.
+    Per batch ``steps + 1`` edge-patched forwards + backwards, ``steps_per_forward`` of them (default as many
+    as fit :data:`~circuitkd.circuits.native_gradients.TOKENS_PER_FORWARD`) in the batch dimension of one
+    forward, copy ``k`` with every mask at its own ``alpha``; on native pre-LN models without hooks
+    (:func:`circuitkd.circuits.native_gradients.mask_gradients`: ``d metric / d w[s, r]`` is source ``s``'s
+    difference dotted with the gradient at reader ``r``'s input).
     """
     check_steps(steps)
     check_edge_graph(graph, "mask-gradient-ig")
     alphas = torch.arange(steps + 1, dtype=torch.float32) / steps
-    per = check_steps(steps_per_forward, name="steps_per_forward") if steps_per_forward is not None else len(alphas)
+    if steps_per_forward is not None:
+        check_steps(steps_per_forward, name="steps_per_forward")
     valid = (graph.valid.expand(graph.shape) if graph.per_position else graph.valid).float()
     total = torch.zeros(graph.shape, dtype=torch.float64)
     n = 0
     for bv in batches(model, graph, pairs, batch_size=batch_size, ablation=ablation, mean_values=mean_values):
         device = bv.replacement.device
+        B, P = bv.pairs.clean.shape[:2]
+        per = native_gradients.copies_per_forward(B, P, steps_per_forward, len(alphas))
+        native = native_gradients.supported(model, graph, bv.pairs.clean, per_position=False)
         for start in range(0, len(alphas), per):
             a = alphas[start:start + per]
             K = len(a)
+            if native:
+                total += native_gradients.mask_gradients(model, graph, bv, metric, a.to(device)).cpu()
+                continue
             masks = (a.view(K, *[1] * valid.dim()) * valid[None]).to(device).requires_grad_(True)
             with torch.enable_grad():
                 run = patched_forward(model, graph, bv.pairs.clean, bv.pairs.attention_mask, ablate=masks,
