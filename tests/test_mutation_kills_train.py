@@ -1,0 +1,102 @@
+"""Tests written for mutants of circuitkd/train/debias.py and distill.py that the suite let live.
+
+Each test names the mutants it kills (docs/testing.md lists them with tools/mutation.py's names):
+a behaviour the other tests never looked at — which seed and split the unknown bias model
+trains on, the name an objective saves itself under, the teacher confreg is handed, the
+checks of a damaged saved state. All run on the 2-class toy task with a tiny model.
+"""
+import pytest
+import torch
+
+from circuitkd.config import DebiasCfg, ModelSpec, TrainCfg
+from circuitkd.errors import CircuitKDError
+from circuitkd.evaluate import predict_logits
+from circuitkd.models import build_model
+from circuitkd.models.build import model_device, spec_of
+from circuitkd.train import debias
+from circuitkd.train.bias_models import bias_probs
+from circuitkd.train.loop import Batch
+
+SPEC = ModelSpec.preset("tiny")
+CFG = TrainCfg(steps=2, batch_size=16, progress=False, checkpoint_every=0)
+UNKNOWN = {"unknown_examples": 64, "unknown_steps": 3}
+
+
+def _batch(split, idx):
+    return Batch(inputs=split.inputs[idx], labels=split.labels[idx], index=idx, groups=split.groups[idx],
+                 attention_mask=split.attention_mask[idx])
+
+
+@pytest.fixture
+def model(toy_task):
+    return build_model(SPEC.replace(seed=0), toy_task)
+
+
+@pytest.mark.parametrize("method", ["poe:unknown", "learned_mixin_h:unknown"])
+def test_the_unknown_bias_model_trains_with_the_objectives_seed_on_its_split(toy_task, model, method):
+    """Kills: _bias_probs dropping ``seed`` or ``split``; _build_lmh / _bias_product passing no seed."""
+    split = toy_task.train.subset(torch.arange(40, 140))
+    loss_fn, _ = debias.make_objective(method, toy_task, model, cfg=CFG, seed=3, split=split, options=UNKNOWN)
+    expected = bias_probs(toy_task, "unknown", spec=spec_of(model), split=split, seed=3, cfg=CFG,
+                          device=model_device(model), **UNKNOWN)
+    other_seed = bias_probs(toy_task, "unknown", spec=spec_of(model), split=split, seed=0, cfg=CFG,
+                            device=model_device(model), **UNKNOWN)
+    assert not torch.allclose(expected, other_seed)  # the seed matters, so a dropped seed shows
+    assert torch.equal(loss_fn.bias_probs, expected)
+
+
+@pytest.mark.parametrize("method", sorted(debias.METHODS))
+def test_every_objective_is_saved_under_its_own_name(toy_task, model, method):
+    """Kills: Objective built with another (or no) method name — a resumed run would check against it."""
+    loss_fn, _ = debias.make_objective(method, toy_task, model, cfg=CFG, options={"bias": "token"}
+                                       if debias.METHODS[method].uses_bias_model else None)
+    assert loss_fn.method == method
+
+
+@pytest.mark.parametrize("method, loss", [("reweight", debias.reweight_loss), ("poe", debias.poe_loss),
+                                          ("focal", debias.focal_loss)])
+def test_bias_product_objectives_compute_their_loss_on_the_batch(toy_task, model, method, loss):
+    """Kills: _bias_product's loss_fn reading another table, dropping the labels or the model, or its options."""
+    options = DebiasCfg(bias="token", focal_gamma=3.0)
+    loss_fn, _ = debias.make_objective(method, toy_task, model, cfg=CFG, options=options)
+    idx = torch.tensor([3, 0, 17, 99, 5])
+    batch = _batch(toy_task.train, idx)
+    extra = {"gamma": 3.0} if method == "focal" else {}
+    expected = loss(batch.logits(model), batch.labels, loss_fn.bias_probs[idx], **extra)
+    assert torch.allclose(loss_fn(model, batch, 0), expected)
+    assert loss_fn.state_dict()["tables"].keys() == {"bias_probs"}
+
+
+def test_group_dro_weighs_exactly_the_tasks_groups(toy_task, model):
+    """Kills: one group too many in q (its weight would dilute every real group's)."""
+    loss_fn, _ = debias.make_objective("group_dro", toy_task, model, cfg=CFG)
+    assert torch.equal(loss_fn.state["q"], torch.full((4,), 0.25))
+
+
+def test_confreg_self_distils_from_the_teacher_it_is_given(toy_task, model):
+    """Kills: make_objective not passing ``teacher`` on (confreg would train its own plain model)."""
+    teacher = build_model(SPEC.replace(seed=7), toy_task)
+    loss_fn, _ = debias.make_objective("confreg", toy_task, model, cfg=CFG, teacher=teacher,
+                                       options={"bias": "token"})
+    assert torch.allclose(loss_fn.teacher_probs, torch.softmax(predict_logits(teacher, toy_task.train), dim=-1))
+
+
+def test_unknown_method_error_lists_the_known_ones(toy_task, model):
+    with pytest.raises(CircuitKDError, match=r"known methods: none, reweight, poe"):
+        debias.make_objective("rewieght", toy_task, model, cfg=CFG)
+
+
+def test_damaged_or_foreign_saved_state_is_refused_and_dtypes_are_restored(toy_task, model):
+    """Kills: load_state_dict's checks raising a KeyError or the wrong message, and restoring state without its dtype."""
+    loss_fn, _ = debias.make_objective("group_dro", toy_task, model, cfg=CFG)
+    with pytest.raises(CircuitKDError, match=r"damaged \(keys \['method'\]\)"):
+        loss_fn.load_state_dict({"method": "group_dro"})
+    saved = loss_fn.state_dict()
+    short = {**saved, "tables": {"t": torch.zeros(3)}}
+    with pytest.raises(CircuitKDError, match="do not cover the 256 training examples of this run"):
+        loss_fn.load_state_dict(short)
+    with pytest.raises(CircuitKDError, match=r"state holds \['p'\], expected \['q'\]"):
+        loss_fn.load_state_dict({**saved, "state": {"p": torch.ones(4)}})
+    loss_fn.load_state_dict({**saved, "state": {"q": torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)}})
+    assert loss_fn.state["q"].dtype == torch.float32
+    assert torch.allclose(loss_fn.state["q"], torch.tensor([0.1, 0.2, 0.3, 0.4]))
