@@ -104,6 +104,18 @@ def other_class_images(labels: Tensor, labels_all: Tensor, pool: Tensor, rng: np
     return out
 
 
+def check_unit(name: str, value: float) -> None:
+    """Refuse a ``value`` that is not a number in [0, 1] (a bool, a string, NaN, 1.5)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        raise CircuitKDError(f"{name} must be a number in [0, 1], got {value!r}")
+
+
+def check_count(name: str, value: int) -> None:
+    """Refuse a ``value`` that is not a positive integer."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CircuitKDError(f"{name} must be a positive integer, got {value!r}")
+
+
 def _make_split(grey: Tensor, labels: Tensor, colors: Tensor) -> Split:
     return Split(
         inputs=colorize(grey, colors),
@@ -136,16 +148,11 @@ def colored_mnist(seed: int = 0, strength: float = 0.9, ood: str = "reversed", n
         ``pair_fn`` makes counterfactual pairs from held-out (id_test and ood_test) images
         and its ``augment_fn`` recolours train images against their label.
     """
-    if not 0.0 <= strength <= 1.0:
-        raise CircuitKDError(f"strength must be in [0, 1], got {strength}")
+    check_unit("strength", strength)
     if ood not in ("reversed", "decorrelated"):
         raise CircuitKDError(f"ood must be 'reversed' or 'decorrelated', got {ood!r}")
-    sizes = {"n_train": n_train, "n_id": n_id, "n_ood": n_ood}
-    for name, value in sizes.items():
-        if value < 1:
-            raise CircuitKDError(f"{name} must be at least 1, got {value}")
-    if image_size < 1:
-        raise CircuitKDError(f"image_size must be positive, got {image_size}")
+    for name, value in (("n_train", n_train), ("n_id", n_id), ("n_ood", n_ood), ("image_size", image_size)):
+        check_count(name, value)
     grey, digits = _mnist(image_size)
     if n_train + n_id + n_ood > grey.shape[0]:
         raise CircuitKDError(

@@ -37,7 +37,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from circuitkd.data.colored_mnist import LABEL_NAMES, _mnist, other_class_images, stroke_mask
+from circuitkd.data.colored_mnist import (
+    LABEL_NAMES, _mnist, check_count, check_unit, other_class_images, stroke_mask,
+)
 from circuitkd.data.task import Split, Task
 from circuitkd.errors import CircuitKDError
 from circuitkd.types import PromptPairs
@@ -116,11 +118,6 @@ def _ood_draw(labels: Tensor, rng: np.random.Generator) -> tuple[Tensor, Tensor]
     return colors, cues
 
 
-def _check_rate(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
-        raise CircuitKDError(f"{name} must be a number in [0, 1], got {value!r}")
-
-
 def shortcut_mnist(seed: int = 0, strength: float = 0.9, color_rate: float = 0.5, cue_rate: float = 0.5,
                    cue_size: int = 4, cue_at: Sequence[int] = (1, 1), n_train: int = 3000, n_id: int = 1000,
                    n_ood: int = 1000, image_size: int = 28,
@@ -147,13 +144,12 @@ def shortcut_mnist(seed: int = 0, strength: float = 0.9, color_rate: float = 0.5
         ``stroke`` ``Bool[n image_size image_size]``. ``pair_fn`` flips one shortcut of held-out images;
         ``augment_fn`` makes bias-conflicting examples from train images.
     """
-    _check_rate("strength", strength)
-    _check_rate("color_rate", color_rate)
-    _check_rate("cue_rate", cue_rate)
-    for name, value in (("n_train", n_train), ("n_id", n_id), ("n_ood", n_ood), ("image_size", image_size),
-                        ("seed", seed + 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise CircuitKDError(f"{name} must be a positive integer, got {value!r}")
+    for name, value in (("strength", strength), ("color_rate", color_rate), ("cue_rate", cue_rate)):
+        check_unit(name, value)
+    for name, value in (("n_train", n_train), ("n_id", n_id), ("n_ood", n_ood), ("image_size", image_size)):
+        check_count(name, value)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise CircuitKDError(f"seed must be a non-negative integer, got {seed!r}")
     if isinstance(cue_size, bool) or not isinstance(cue_size, int) or cue_size < 2:
         raise CircuitKDError(f"cue_size must be an integer >= 2 (its stripes need two rows), got {cue_size!r}")
     cue_at = tuple(cue_at)

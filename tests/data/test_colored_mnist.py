@@ -162,8 +162,12 @@ def test_colorize_and_mask_helpers():
 
 
 def test_bad_arguments_raise(task):
-    with pytest.raises(CircuitKDError, match="strength"):
+    with pytest.raises(CircuitKDError, match=r"strength must be a number in \[0, 1\], got 1.5"):
         colored_mnist(strength=1.5)
+    with pytest.raises(CircuitKDError, match=r"strength must be a number in \[0, 1\], got nan"):
+        colored_mnist(strength=float("nan"))
+    with pytest.raises(CircuitKDError, match=r"image_size must be a positive integer, got 0"):
+        colored_mnist(image_size=0)
     with pytest.raises(CircuitKDError, match="ood must be"):
         colored_mnist(ood="shuffled")
     with pytest.raises(CircuitKDError, match="exceeds the 5000 MNIST images"):

@@ -133,6 +133,8 @@ def test_evaluate_reports_coarse_groups_per_bias(task, monkeypatch):
     ({"cue_at": (26, 1)}, r"4x4 cue at cue_at=\(26, 1\) does not fit a 28x28 image"),
     ({"cue_size": 30}, r"30x30 cue .* does not fit"),
     ({"cue_size": 1}, r"cue_size must be an integer >= 2.*got 1"),
+    ({"seed": -1}, r"seed must be a non-negative integer, got -1"),
+    ({"n_ood": 0}, r"n_ood must be a positive integer, got 0"),
     ({"digits": [[0, 1], [1, 7]]}, r"digits must be two .*disjoint.*\[\[0, 1\], \[1, 7\]\]"),
     ({"digits": [[0, 10], [7]]}, r"digits .*got \[\[0, 10\], \[7\]\]"),
     ({"n_train": 4500, "digits": [[0, 1], [6, 7]]}, r"= 6500 exceeds the 2000 MNIST images of digits \[0, 1, 6, 7\]"),
