@@ -116,13 +116,16 @@ class AutoCircuit:
         self.proc = subprocess.Popen([str(python), str(HERE / "_autocircuit_peer.py"), str(blob),
                                       "--threads", str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=log, text=True, env=env)
+        self.log = log
         self.info = self._read()
 
     def _read(self) -> dict:
         line = self.proc.stdout.readline()
         if not line:
             self.proc.wait()
-            raise SystemExit(f"the auto-circuit worker stopped (exit {self.proc.returncode}); see its log")
+            self.log.flush()
+            tail = Path(self.log.name).read_text()[-3000:]
+            raise SystemExit(f"the auto-circuit worker stopped (exit {self.proc.returncode}); its log ends:\n{tail}")
         return json.loads(line)
 
     def run(self, method: str, **options) -> dict:
@@ -206,8 +209,15 @@ def slow_reference(row: str, model, pairs, graph, steps: int, result, acdc_check
         return err
     params = inspect.signature(C.METHODS[row]).parameters
     if "steps_per_forward" in params:
-        ref = C.METHODS[row](model, pairs, metric=logit_diff, graph=graph, batch_size=n, steps=steps,
-                             steps_per_forward=1).scores
+        # one step per forward through the hooked patched_forward (the native path turned off)
+        from circuitkd.circuits import native_gradients
+
+        native_gradients._NATIVE = False
+        try:
+            ref = C.METHODS[row](model, pairs, metric=logit_diff, graph=graph, batch_size=n, steps=steps,
+                                 steps_per_forward=1).scores
+        finally:
+            native_gradients._NATIVE = True
         return float((result - ref).abs().max())
     return None
 

@@ -140,6 +140,21 @@ class NativeExecutor:
         """q ``[..., dest, head, dh]``, k/v ``[..., src, head, dh]`` -> (z ``[..., dest, head, dh]``, pattern ``[..., head, dest, src]``)."""
         return attend(q, k, v, blocked, self.scale)
 
+    def attend_read(self, layer: int, h: Tensor, q: Tensor, blocked: Tensor) -> Tensor:
+        """``z`` ``[..., head, dh]`` of one query per example (``q`` ``[..., head, dh]``) over the normalised
+        stream ``h`` ``[..., src, d]`` of layer ``layer``, without forming keys and values at every position:
+        ``q . k_j = h_j . (W_K^T q) + b_K . q`` (the last term is the same for every ``j``, so the softmax
+        drops it) and ``sum_j a_j v_j = (sum_j a_j h_j) W_V^T + (sum_j a_j) b_V`` (``d_model`` work per source
+        position instead of ``d_model^2``). ``blocked``: ``[..., 1, src]`` broadcastable to ``[..., head, src]``.
+        Equals :meth:`attend` at that query to float rounding."""
+        p = self.layers[layer]
+        Wk, Wv = p["k"].weight.view(self.H, self.dh, -1), p["v"].weight.view(self.H, self.dh, -1)  # [H dh d]
+        u = torch.einsum("...he,hed->...hd", q, Wk)
+        scores = torch.einsum("...pd,...hd->...hp", h, u)
+        pattern = masked_softmax(scores / self.scale, blocked)
+        mixed = torch.einsum("...hp,...pd->...hd", pattern, h)
+        return torch.einsum("...hd,hed->...he", mixed, Wv) + pattern.sum(-1, keepdim=True) * p["v"].bias.view(self.H, self.dh)
+
     def out(self, layer: int, z: Tensor) -> Tensor:
         o = self.layers[layer]["o"]
         return F.linear(z.flatten(-2), o.weight, o.bias)
@@ -252,13 +267,12 @@ def resume_layer(ex: NativeExecutor, c: NativeCache, i: int, state: tuple) -> tu
         return ("dense", ex.mlp(i, x + ex.out(i, z)))
     x = state[1]  # dense [N,B,P,d]
     h = ex.ln(x, p["ln1"])
-    k, v = ex.heads(p["k"], h), ex.heads(p["v"], h)
-    if last:
+    if last:  # only the read query reaches the output: no keys or values at every position
         x_r = x[:, ar, c.read_pos]  # [N,B,d]
-        q_r = ex.heads(p["q"], h[:, ar, c.read_pos])
-        blocked_r = c.blocked.expand(B, -1, -1, -1)[ar, :, c.read_pos].unsqueeze(-2)
-        z_r, _ = ex.attend(q_r.unsqueeze(-3), k, v, blocked_r)
-        return ("read", ex.mlp(i, x_r + ex.out(i, z_r[..., 0, :, :])))
+        q_r = ex.heads(p["q"], h[:, ar, c.read_pos])  # [N,B,H,dh]
+        blocked_r = c.blocked.expand(B, -1, -1, -1)[ar, :, c.read_pos]  # [B,1,P]
+        return ("read", ex.mlp(i, x_r + ex.out(i, ex.attend_read(i, h, q_r, blocked_r))))
+    k, v = ex.heads(p["k"], h), ex.heads(p["v"], h)
     z, _ = ex.attend(ex.heads(p["q"], h), k, v, c.blocked)
     return ("dense", ex.mlp(i, x + ex.out(i, z)))
 
