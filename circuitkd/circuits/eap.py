@@ -29,24 +29,26 @@ def scores_from_gradients(graph: ComponentGraph, deltas: dict, grads: dict, n_he
     """
     P = next(iter(deltas.values())).shape[1]
     out = torch.zeros((P, graph.n_sources, graph.n_readers), dtype=torch.float64)
-    eq = "npsd,nprd->psr" if graph.per_position else "npsd,nprd->sr"
 
-    def put(readers: list[int], delta, grad):
-        s = delta.shape[2]
-        val = torch.einsum(eq, delta.double(), grad.double()).cpu()
+    def put(readers: slice, delta, grad):
+        """``delta`` ``[N pos s d]`` with ``grad`` ``[N pos r d]``, summed over examples (and positions) and
+        ``d_model``: one matmul over the flattened sum axes, in float64."""
+        s, r = delta.shape[2], grad.shape[2]
         if graph.per_position:
+            val = torch.einsum("npsd,nprd->psr", delta.double(), grad.double()).cpu()
             out[:, :s, readers] += val
         else:
-            out[0, :s, readers] += val
+            dm = delta.double().permute(2, 0, 1, 3).reshape(s, -1)
+            gm = grad.double().permute(2, 0, 1, 3).reshape(r, -1)
+            out[0, :s, readers] += (dm @ gm.T).cpu()
 
     for layer in range(graph.n_layers):
-        heads = graph.reader_slice("head", layer)
-        for i, port in enumerate(HEAD_PORTS):
-            readers = list(range(heads.start + i, heads.stop, 3))
-            put(readers, deltas[("attn", layer)], grads[(layer, port)])
+        # readers head-major with q/k/v inner, as the score matrix orders them
+        heads = torch.stack([grads[(layer, port)] for port in HEAD_PORTS], 3).flatten(2, 3)  # [N pos 3H d]
+        put(graph.reader_slice("head", layer), deltas[("attn", layer)], heads)
         if graph.has_mlp:
-            put([graph.reader_slice("mlp", layer).start], deltas[("mlp", layer)], grads[(layer, "mlp")][:, :, None])
-    put([graph.reader_slice("output").start], deltas["output"], grads["output"][:, :, None])
+            put(graph.reader_slice("mlp", layer), deltas[("mlp", layer)], grads[(layer, "mlp")][:, :, None])
+    put(graph.reader_slice("output"), deltas["output"], grads["output"][:, :, None])
     return out if graph.per_position else out[0]
 
 
