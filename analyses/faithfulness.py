@@ -4,7 +4,7 @@ Usage: python analyses/faithfulness.py RUN_DIR [--out figures] [--pair plain]
 """
 import sys
 
-from circuitkd.figures import main
+from circuitkd.run.figures import main
 
 if __name__ == "__main__":
     sys.exit(main("faithfulness"))

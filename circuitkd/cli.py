@@ -88,7 +88,7 @@ def _json_flag(text: Optional[str], flag: str, default=None):
 
 def _task_from_args(args: argparse.Namespace, checkpoint: Optional[Path] = None):
     """The task named on the command line, else the one a checkpoint was trained on."""
-    from circuitkd.experiment import load_task_by_name
+    from circuitkd.run.tasks import load_task_by_name
     from circuitkd.models.checkpoint import is_checkpoint, load_config
 
     name, task_args = args.task, _json_flag(args.task_args, "--task-args")
@@ -117,7 +117,7 @@ def _load(path: str, args: argparse.Namespace):
 
 
 def _run(args: argparse.Namespace) -> int:
-    from circuitkd.experiment import ARMS, arm_config_path, load_config
+    from circuitkd.run.plan import ARMS, arm_config_path, load_config
 
     if args.config is not None and args.arm is not None:
         raise CircuitKDError(f"--arm {args.arm} picks a shipped config; --config {args.config} runs that config alone: "
@@ -137,7 +137,7 @@ def _run(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         for cfg in cfgs.values():
             if cfg.executor == "ray":
-                from circuitkd.executors import ray_cluster
+                from circuitkd.run.executors import ray_cluster
 
                 # One cluster for every arm, joined and checked against each arm's resources before any job.
                 stack.enter_context(ray_cluster(cfg))
@@ -148,11 +148,11 @@ def _run(args: argparse.Namespace) -> int:
             _run_one(cfg, arm_out, analyse=not args.no_analysis)
             _log(f"arm {arm or cfg.name}: {time.perf_counter() - t_arm:.0f}s")
     if len(cfgs) > 1:
-        from circuitkd.arms import write_arms_summary
+        from circuitkd.run.arms import write_arms_summary
 
         _log(f"summary: {write_arms_summary(out)}")
         if not args.no_analysis:
-            from circuitkd.report import write_report
+            from circuitkd.run.report import write_report
 
             _log(f"report: {write_report(out)}")
     _log(f"done in {time.perf_counter() - t0:.0f}s")
@@ -162,17 +162,18 @@ def _run(args: argparse.Namespace) -> int:
 
 def _run_one(cfg, out: Path, *, analyse: bool) -> None:
     """One config's grid, then (with ``analyse``) its analysis stage and report, into the run folder ``out``."""
-    from circuitkd.experiment import load_task, run_experiment
+    from circuitkd.run.tasks import load_task
+    from circuitkd.run.runner import run_experiment
 
     with contextlib.ExitStack() as stack:
         if cfg.executor == "ray":
-            from circuitkd.executors import ray_cluster
+            from circuitkd.run.executors import ray_cluster
 
             stack.enter_context(ray_cluster(cfg))  # the caller's cluster, or one joined here before any job
         run_experiment(cfg, out)
         if analyse:
-            from circuitkd.report import write_report
-            from circuitkd.study import analyse_run
+            from circuitkd.run.report import write_report
+            from circuitkd.run.study import analyse_run
 
             analysis = cfg.analysis or {}
             analyse_run(out, log=_log, **analysis)
@@ -297,7 +298,7 @@ def _discover(args: argparse.Namespace) -> int:
 
 
 def _analyse(args: argparse.Namespace) -> int:
-    from circuitkd.study import analyse_run
+    from circuitkd.run.study import analyse_run
 
     analyse_run(args.run, n_pairs=args.n, circuit_method=args.method, top_k=args.top_k, log=_log)
     print(Path(args.run) / "analysis" / "analysis.json")
@@ -305,14 +306,14 @@ def _analyse(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from circuitkd.report import write_report
+    from circuitkd.run.report import write_report
 
     print(write_report(args.run, out=args.out))
     return 0
 
 
 def _figures(args: argparse.Namespace) -> int:
-    from circuitkd.figures import FIGURES, build, save
+    from circuitkd.run.figures import FIGURES, build, save
 
     run = Path(args.run)
     if not (run / "results.json").is_file():

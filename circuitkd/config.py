@@ -76,7 +76,7 @@ def _each(rule: Rule, kind: type) -> Rule:
     return f"a list of {kind.__name__}s each {rule[0]}", ok
 
 
-#: Where ``circuitkd run`` runs its jobs (see :mod:`circuitkd.executors`).
+#: Where ``circuitkd run`` runs its jobs (see :mod:`circuitkd.run.executors`).
 EXECUTORS = ("local", "ray")
 #: ExperimentCfg fields that say where a run's jobs execute, not what they compute: a run folder
 #: started under one executor resumes under another.
@@ -412,7 +412,7 @@ DEFAULT_TARGETS: dict[str, float] = {
 
 @dataclass(frozen=True)
 class ExperimentCfg(_Jsonable):
-    """The distillability grid that ``circuitkd run`` trains and evaluates (see ``circuitkd.experiment``).
+    """The distillability grid that ``circuitkd run`` trains and evaluates (see ``circuitkd.run``).
 
     Models are preset names or dicts of :class:`ModelSpec` fields. Every teacher is trained
     plainly and with each of ``methods``; every student is trained alone (plainly and with
@@ -453,7 +453,7 @@ class ExperimentCfg(_Jsonable):
     cpus_per_job: int = 1
     gpus_per_job: float = 0.0
     job_retries: int = 3
-    #: keyword arguments of :func:`circuitkd.study.analyse_run` for ``circuitkd run``'s analysis stage
+    #: keyword arguments of :func:`circuitkd.run.study.analyse_run` for ``circuitkd run``'s analysis stage
     analysis: dict = field(default_factory=dict)
     #: train the learnability control (teacher) and capacity control (student) on the task with
     #: every shortcut uncorrelated with the label, beside the grid
@@ -535,10 +535,10 @@ def _check_names(cfg: ExperimentCfg) -> None:
                                  f"known: {sorted(METHODS)}")
         if bias and not METHODS[base].uses_bias_model:
             raise CircuitKDError(f"method {base!r} uses no bias-only model, so {name!r} names one it cannot use")
-    from circuitkd import experiment
+    from circuitkd.run import tasks
 
-    if cfg.task not in experiment.TASKS:
-        raise CircuitKDError(f"unknown task {cfg.task!r}; known: {list(experiment.TASKS)}")
+    if cfg.task not in tasks.TASKS:
+        raise CircuitKDError(f"unknown task {cfg.task!r}; known: {list(tasks.TASKS)}")
 
     def keys_of(fn, what: str, given: dict, skip: tuple[str, ...] = ()) -> None:
         params = inspect.signature(fn).parameters
@@ -551,11 +551,11 @@ def _check_names(cfg: ExperimentCfg) -> None:
 
     from circuitkd import data
 
-    loader = getattr(data, f"load_{cfg.task}" if cfg.task in experiment.TASKS[2:] else cfg.task, None)
+    loader = getattr(data, f"load_{cfg.task}" if cfg.task not in tasks.GENERATED else cfg.task, None)
     if loader is not None:
-        extra = ("tokenizer",) if cfg.task in experiment._TEXT_LOADERS else ()
+        extra = ("tokenizer",) if cfg.task in tasks.TEXT_LOADERS else ()
         args = {k: v for k, v in cfg.task_args.items() if k not in extra}
         keys_of(loader, f"task_args (task {cfg.task!r})", args)
-    from circuitkd.study import analyse_run
+    from circuitkd.run.study import analyse_run
 
     keys_of(analyse_run, "analysis", cfg.analysis, skip=("run_dir", "log"))

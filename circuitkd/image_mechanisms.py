@@ -1,6 +1,6 @@
 """Mechanisms on images: which ViT heads carry each shortcut, over the picture's patches.
 
-The analysis stage (:mod:`circuitkd.study`) compares teacher and student on any task: head
+The analysis stage (:mod:`circuitkd.run.study`) compares teacher and student on any task: head
 patching, attention diffing with head matching and CKA, circuits. On an image task the
 shortcuts live at places in the picture (the coloured stroke, the cue patch), so this module
 adds, per model of each teacher/student comparison and per bias type:
@@ -18,7 +18,7 @@ adds, per model of each teacher/student comparison and per bias type:
   shortcut-conflicting image, and every head's patching effect per patch position.
 
 Everything is written to ``<run>/image_analysis/`` (``image_analysis.json`` and
-``figures/*.json``) atomically; :func:`circuitkd.report.run_parts` shows it.
+``figures/*.json``) atomically; :func:`circuitkd.run.report.run_parts` shows it.
 """
 from __future__ import annotations
 
@@ -128,13 +128,13 @@ def analyse_images(run_dir: str | Path, *, n_pairs: int = 64, n_attention: int =
     """The image mechanisms of a finished run on an image task; writes ``<run>/image_analysis/``.
 
     For each seed, the plain teacher and each debiased teacher with its KD student (the
-    comparisons of :func:`circuitkd.study.comparisons` other than the fixes): per model and bias
+    comparisons of :func:`circuitkd.run.study.comparisons` other than the fixes): per model and bias
     type, head and head × patch patching, and CLS attention to the shortcut's patches. Figures
     come from the first seed.
     """
     from circuitkd.models import load_checkpoint
     from circuitkd.models.checkpoint import atomic_write_dir
-    from circuitkd.study import comparisons, load_finished_run
+    from circuitkd.run.study import comparisons, load_finished_run
     from circuitkd.viz import image_maps
 
     run_dir = Path(run_dir)

@@ -15,6 +15,7 @@ and "inconclusive (1 seed)" when fewer than two seeds were run.
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional
 
@@ -155,3 +156,13 @@ def combine(verdicts: list[str]) -> str:
     if all(v == FAILS for v in verdicts):
         return FAILS
     return INCONCLUSIVE
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample std of ``values``, ignoring None/NaN; (nan, nan) when none are left."""
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return float("nan"), float("nan")
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return mean, std

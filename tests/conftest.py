@@ -65,8 +65,9 @@ def toy_task():
 @pytest.fixture(scope="session")
 def quick_run(tmp_path_factory):
     """A finished ``circuitkd run --quick`` folder with its analysis, shared by the end-to-end tests."""
-    from circuitkd.experiment import load_config, run_experiment
-    from circuitkd.study import analyse_run
+    from circuitkd.run.plan import load_config
+    from circuitkd.run.runner import run_experiment
+    from circuitkd.run.study import analyse_run
 
     run_dir = tmp_path_factory.mktemp("runs") / "quick"
     run_experiment(load_config(quick=True), run_dir, log=lambda *_: None)

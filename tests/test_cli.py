@@ -71,7 +71,7 @@ def test_bad_input_is_a_one_line_error_and_a_nonzero_exit(argv, message, capsys)
 
 
 def test_toml_and_yaml_configs(tmp_path):
-    from circuitkd.experiment import load_config
+    from circuitkd.run.plan import load_config
 
     (tmp_path / "c.toml").write_text('name = "mine"\nmethods = ["poe", "focal"]\nseeds = [0, 1, 2]\n')
     (tmp_path / "c.yaml").write_text("name: mine\nmethods: [poe]\nteacher_steps: 10\n")

@@ -5,13 +5,13 @@ import pytest
 
 from circuitkd.config import DebiasCfg, ExperimentCfg, ModelSpec, TrainCfg
 from circuitkd.errors import CircuitKDError
-from circuitkd.experiment import CONFIG_DIR, default_config, load_config
+from circuitkd.run.plan import CONFIG_DIR, default_config, load_config
 
 
 def test_shipped_configs_load():
     assert default_config().methods
     assert load_config(quick=True).analysis
-    from circuitkd.experiment import ARMS, arm_config_path
+    from circuitkd.run.plan import ARMS, arm_config_path
 
     # Every shipped config is an arm's config or its --quick overrides; each arm loads, with and without them.
     assert sorted(p.name for p in CONFIG_DIR.glob("*.json")) == sorted(name for pair in ARMS.values() for name in pair)

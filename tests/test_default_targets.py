@@ -12,7 +12,9 @@ from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
-from circuitkd.experiment import _Grid, _targets, _worker_init, default_config, plan, run_job
+from circuitkd.run.summary import _Grid, _targets
+from circuitkd.run.jobs import _worker_init, run_job
+from circuitkd.run.plan import default_config, plan
 
 pytestmark = pytest.mark.targets
 

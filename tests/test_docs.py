@@ -14,7 +14,7 @@ def test_api_reference_builds(tmp_path):
     modules = ["circuitkd", *(m.name for m in pkgutil.walk_packages(circuitkd.__path__, prefix="circuitkd."))]
     pdoc.pdoc(*modules, output_directory=tmp_path)
     pages = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.html")}
-    for page in ("circuitkd.html", "circuitkd/stats.html", "circuitkd/native.html", "circuitkd/experiment.html",
+    for page in ("circuitkd.html", "circuitkd/stats.html", "circuitkd/native.html", "circuitkd/run/summary.html",
                  "circuitkd/circuits.html", "circuitkd/train/distill.html"):
         assert page in pages, sorted(pages)
     assert "bootstrap_interval" in (tmp_path / "circuitkd" / "stats.html").read_text()

@@ -89,4 +89,4 @@ def test_the_cluster_commands_shown_parse_and_make_a_valid_config():
                                        "gpus_per_job": args.gpus_per_job})
         assert (cfg.task, cfg.executor, cfg.ray_address, cfg.gpus_per_job) == ("mnli", "ray", "auto", 1.0)
     torchrun = _shell_commands(root / "docs" / "cluster.md", "python")
-    assert torchrun and torchrun[0][torchrun[0].index("-m", 3) + 1] == "circuitkd.executors"
+    assert torchrun and torchrun[0][torchrun[0].index("-m", 3) + 1] == "circuitkd.run.executors"

@@ -8,7 +8,9 @@ import torch
 from circuitkd.cli import main
 from circuitkd.config import ExperimentCfg
 from circuitkd.errors import CircuitKDError
-from circuitkd.experiment import default_config, load_config, plan, render_summary, run_experiment, summarise
+from circuitkd.run.plan import default_config, load_config, plan
+from circuitkd.run.summary import render_summary, summarise
+from circuitkd.run.runner import run_experiment
 
 
 @pytest.fixture(autouse=True)

@@ -235,7 +235,7 @@ JSON_VALUES = st.recursive(
 
 @st.composite
 def mutated_configs(draw):
-    from circuitkd.experiment import default_config
+    from circuitkd.run.plan import default_config
 
     data = json.loads(default_config().to_json())
     keys = sorted(data)
@@ -254,7 +254,7 @@ def mutated_configs(draw):
 @given(data=mutated_configs(), fmt=st.sampled_from(["dict", ".json", ".toml", ".yaml"]))
 def test_fuzz_config_loader(data, fmt):
     from circuitkd.config import ExperimentCfg
-    from circuitkd.experiment import load_config
+    from circuitkd.run.plan import load_config
 
     try:
         if fmt == "dict":
@@ -282,7 +282,7 @@ def _dump(data, fmt: str) -> str:
 @settings(max_examples=60, **FUZZ)
 @given(text=st.text(max_size=40), fmt=st.sampled_from([".json", ".toml", ".yaml", ".yml", ".txt"]))
 def test_fuzz_config_file_text(text, fmt):
-    from circuitkd.experiment import load_config
+    from circuitkd.run.plan import load_config
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"c{fmt}"
@@ -379,7 +379,7 @@ def test_fuzz_cli_arguments(cli_world, capsys, monkeypatch, case, where):
     monkeypatch.setattr(ckd, "train_model", reached)
     monkeypatch.setattr(ckd, "distill", reached)
     monkeypatch.setattr(cli, "_run_one", reached)
-    monkeypatch.setattr("circuitkd.study.analyse_run", reached)
+    monkeypatch.setattr("circuitkd.run.study.analyse_run", reached)
     path = str(cli_world / "m") if where == "model" else str(cli_world / "missing")
     positional = {"distill": [path], "evaluate": [path], "patch": [path], "discover": [path],
                   "diff": [path, path], "analyse": [path], "report": [path], "figures": [path]}.get(command, [])

@@ -32,3 +32,12 @@ def test_token_ids_paired_with_pixels_are_refused():
     with pytest.raises(CircuitKDError, match="clean and corrupt must both be token ids or both pixels"):
         PromptPairs(clean=torch.ones(2, 4, dtype=torch.long), corrupt=torch.ones(2, 4),
                     clean_answer=torch.tensor([0, 1]), corrupt_answer=torch.tensor([1, 0]))
+
+
+def test_an_unknown_device_string_is_a_circuitkd_error(tmp_path):
+    """Found by test_fuzz_cli_arguments: ``--device 0`` reached torch.device and raised a raw RuntimeError."""
+    import circuitkd as ckd
+
+    task = ckd.data.synthetic_nli(seed=0, n_train=60, n_id=30, n_ood=30)
+    with pytest.raises(ckd.CircuitKDError, match="unknown device '0'"):
+        ckd.build_model(ckd.ModelSpec.preset("tiny"), task, device="0")

@@ -21,7 +21,7 @@ SCRIPTS = sorted(p for folder in ("analyses", "benchmarks") for p in (ROOT / fol
 
 
 def test_the_package_has_modules_and_scripts_to_check():
-    assert "circuitkd.cli" in MODULES and "circuitkd.figures" in MODULES
+    assert "circuitkd.cli" in MODULES and "circuitkd.run.figures" in MODULES
     assert any(p.parent.name == "analyses" for p in SCRIPTS)
     assert any(p.parent.name == "benchmarks" for p in SCRIPTS)
 
@@ -42,3 +42,19 @@ def test_script_imports(path):
 def test_runtime_dependencies_are_installed(requirement):
     # PNG export and the image loaders need these at run time, not at import time.
     importlib.import_module(requirement)
+
+
+def test_figures_import_no_training_or_study_code():
+    """viz/ builds figures from results: none of its modules imports training, the study or a model builder."""
+    import ast
+    from pathlib import Path
+
+    viz = Path(__file__).resolve().parents[1] / "circuitkd" / "viz"
+    offenders = []
+    for path in sorted(viz.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            offenders += [f"{path.name}: {n}" for n in names
+                          if n.startswith(("circuitkd.train", "circuitkd.run", "circuitkd.models"))]
+    assert not offenders, offenders

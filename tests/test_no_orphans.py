@@ -11,7 +11,7 @@ import pytest
 DRIVER = r"""
 import multiprocessing as mp, os, sys, time
 from concurrent.futures import ProcessPoolExecutor
-from circuitkd.experiment import _worker_init
+from circuitkd.run.jobs import _worker_init
 
 if __name__ == "__main__":
     with ProcessPoolExecutor(max_workers=2, mp_context=mp.get_context("spawn"),

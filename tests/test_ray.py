@@ -20,8 +20,9 @@ import pytest
 
 from circuitkd.cli import main
 from circuitkd.config import EXECUTION_FIELDS
-from circuitkd.experiment import load_config, plan, run_experiment
-from circuitkd.study import analyse_run
+from circuitkd.run.plan import load_config, plan
+from circuitkd.run.runner import run_experiment
+from circuitkd.run.study import analyse_run
 
 pytestmark = pytest.mark.ray
 
@@ -155,7 +156,8 @@ def test_unreachable_address(tmp_path):
 TWO_GPU_DRIVER = """
 import json, sys
 import ray
-from circuitkd.experiment import load_config, run_experiment
+from circuitkd.run.plan import load_config
+from circuitkd.run.runner import run_experiment
 ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, logging_level="WARNING")
 run_experiment(load_config(quick=True, **json.loads(sys.argv[2])), sys.argv[1], log=print)
 ray.shutdown()
@@ -187,7 +189,8 @@ def test_job_of_two_gpus_trains_under_torchrun(tmp_path):
 KILLED_DRIVER = """
 import sys
 import ray
-from circuitkd.experiment import load_config, run_experiment
+from circuitkd.run.plan import load_config
+from circuitkd.run.runner import run_experiment
 ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
 run_experiment(load_config(quick=True, executor="ray"), sys.argv[1], log=print)
 """
@@ -231,7 +234,7 @@ def test_killed_driver_leaves_no_half_written_file(quick_run, ray_local, tmp_pat
 def test_a_job_starts_after_the_jobs_it_needs_and_failures_name_their_dependents(ray_local, tmp_path):
     from circuitkd.config import ExperimentCfg
     from circuitkd.errors import CircuitKDError
-    from circuitkd.executors import RemoteJob, run_remote
+    from circuitkd.run.executors import RemoteJob, run_remote
 
     def make(path: str, seconds: float) -> float:
         time.sleep(seconds)

@@ -6,7 +6,7 @@ import re
 
 import plotly.graph_objects as go
 
-from circuitkd.report import FIGURE_ORDER, FIGURE_TITLES, figure_anchor, mechanisms_html
+from circuitkd.run.report import FIGURE_ORDER, FIGURE_TITLES, figure_anchor, mechanisms_html
 
 
 def _analysis(findings: list[tuple[str, str | None]]) -> dict:

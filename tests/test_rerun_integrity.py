@@ -9,7 +9,8 @@ import shutil
 
 import torch
 
-from circuitkd.experiment import load_config, plan, run_experiment
+from circuitkd.run.plan import load_config, plan
+from circuitkd.run.runner import run_experiment
 from circuitkd.models.checkpoint import WEIGHTS, is_checkpoint
 
 VOLATILE = ("seconds", "skipped")

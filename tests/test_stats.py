@@ -6,7 +6,7 @@ import pytest
 
 from circuitkd.config import ExperimentCfg
 from circuitkd.errors import CircuitKDError
-from circuitkd.experiment import render_summary, summarise
+from circuitkd.run.summary import render_summary, summarise
 from circuitkd.stats import Interval, bootstrap_interval, combine, seed_interval, verdict
 
 
@@ -101,7 +101,7 @@ def _bits(rng, p, n=2000):
 
 def _grid(cfg, ood, *, control=0.99, plain_id=0.97):
     """Rows for every model of ``cfg`` with OOD accuracy ``ood[(variant, method, alpha, fix)]`` (default 0.5)."""
-    from circuitkd.experiment import plan
+    from circuitkd.run.plan import plan
 
     rng = np.random.default_rng(0)
     rows = []

@@ -13,8 +13,8 @@ import torch
 
 from circuitkd.circuits import Circuit
 from circuitkd.errors import CircuitKDError
-from circuitkd.figures import FIGURES
-from circuitkd.report import FIGURE_ORDER, markdown_to_html, write_report
+from circuitkd.run.figures import FIGURES
+from circuitkd.run.report import FIGURE_ORDER, markdown_to_html, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +42,7 @@ def test_analysis_covers_every_pair_that_matters(quick_run):
 
 
 def test_analysis_of_a_folder_that_is_not_a_run(tmp_path):
-    from circuitkd.study import analyse_run
+    from circuitkd.run.study import analyse_run
 
     with pytest.raises(CircuitKDError, match="not a finished run folder"):
         analyse_run(tmp_path)
@@ -95,7 +95,7 @@ def test_every_analysis_script_writes_its_figure(quick_run, tmp_path, name, monk
 def test_png_export_works_offline(quick_run, tmp_path):
     if _chromium() is None and not os.environ.get("CI"):
         pytest.skip("no chromium on this machine")
-    from circuitkd.figures import build, save
+    from circuitkd.run.figures import build, save
 
     path = save(build("robustness", quick_run), tmp_path / "robustness.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

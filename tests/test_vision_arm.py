@@ -62,8 +62,8 @@ def test_image_mechanisms_and_pictures(vision_run):
 
 
 def test_arms_side_by_side(vision_run, quick_run, tmp_path):
-    from circuitkd.arms import write_arms_summary
-    from circuitkd.report import write_report
+    from circuitkd.run.arms import write_arms_summary
+    from circuitkd.run.report import write_report
 
     out = tmp_path / "study"
     out.mkdir()
@@ -84,7 +84,8 @@ def test_arms_side_by_side(vision_run, quick_run, tmp_path):
 
 
 def test_bad_image_input_is_refused_before_training(tmp_path):
-    from circuitkd.experiment import arm_config_path, load_config, run_experiment
+    from circuitkd.run.plan import arm_config_path, load_config
+    from circuitkd.run.runner import run_experiment
 
     cfg = load_config(arm_config_path("vision"), quick=True, workers=1, device="cpu")
     bad = cfg.replace(task_args={**cfg.task_args, "strength": 1.5})
@@ -157,7 +158,8 @@ workers = 1
     write(wrong)
     with pytest.raises(CircuitKDError, match=r"the teacher \(pretrained ViT .*vit16'\) reads 3x16x16 images .* "
                                              r"task 'waterbirds' has 3x8x8 images"):
-        from circuitkd.experiment import load_config, run_experiment
+        from circuitkd.run.plan import load_config
+        from circuitkd.run.runner import run_experiment
 
         run_experiment(load_config(config), tmp_path / "run2", log=lambda *_: None)
     assert not (tmp_path / "run2").exists()

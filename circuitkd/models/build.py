@@ -121,6 +121,14 @@ def check_spec_reads(spec: ModelSpec, task: Any, who: str = "model") -> None:
                       task, f"{who} (pretrained ViT {spec.pretrained!r})")
 
 
+def parse_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device``; :class:`CircuitKDError` naming it when torch does not know it."""
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise CircuitKDError(f"unknown device {device!r}: expected e.g. 'cpu', 'cuda' or 'cuda:0'") from None
+
+
 def build_model(spec: ModelSpec, task: Any = None, *, device: Optional[str | torch.device] = None,
                 dtype: Optional[torch.dtype] = None):
     """A fresh (or pretrained) ``TransformerBridge`` for ``spec``, in eval mode, on ``device``.
@@ -129,7 +137,7 @@ def build_model(spec: ModelSpec, task: Any = None, *, device: Optional[str | tor
     model (see :func:`spec_of`) and saved with every checkpoint.
     """
     spec = resolve_spec(spec, task)
-    device = torch.device(device) if device is not None else default_device()
+    device = parse_device(device) if device is not None else default_device()
     if spec.backbone == "native":
         bridge = _build_native(spec, device, dtype)
     elif spec.backbone == "bert":

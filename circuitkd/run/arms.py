@@ -1,9 +1,9 @@
 """The study's arms side by side: the NLI arm and the image arm, each a full run folder.
 
 ``circuitkd run`` (``--arm all``) runs the shipped config of each arm of
-:data:`circuitkd.experiment.ARMS` through the same code path (grid, summary, intervals, verdicts,
+:data:`circuitkd.run.ARMS` through the same code path (grid, summary, intervals, verdicts,
 analysis) into ``<out>/<arm>/``, then writes ``<out>/summary.md`` (this module) and
-``<out>/report.html`` (:func:`circuitkd.report.write_arms_report`) that put the arms' targets,
+``<out>/report.html`` (:func:`circuitkd.run.report.write_arms_report`) that put the arms' targets,
 verdicts and headline models next to each other. Each arm's own folder stays a complete run:
 ``circuitkd report <out>/nli`` rebuilds that arm's report alone.
 """
@@ -25,7 +25,7 @@ HEADLINE_LABELS = ("teacher control (no shortcut)", "student control (no shortcu
 
 def arm_dirs(out: str | Path) -> dict[str, Path]:
     """The arms present under ``out`` (each a folder holding ``results.json``), in :data:`ARMS` order."""
-    from circuitkd.experiment import ARMS
+    from circuitkd.run.plan import ARMS
 
     out = Path(out)
     found = {arm: out / arm for arm in ARMS if (out / arm / "results.json").is_file()}

@@ -255,9 +255,9 @@ def _why(job_id: str, exc: BaseException, failed: dict, deps_of: dict) -> str:
 
 
 def train_job(job, cfg: ExperimentCfg, run_dir: str) -> dict[str, Any]:
-    """One model of the grid in a Ray task: :func:`circuitkd.experiment.run_job`, under ``torchrun``
+    """One model of the grid in a Ray task: :func:`circuitkd.run.run_job`, under ``torchrun``
     with one process per GPU when the job has more than one."""
-    from circuitkd.experiment import run_job
+    from circuitkd.run.jobs import run_job
 
     if cfg.gpus_per_job > 1:
         return _torchrun_job(job, cfg, run_dir)
@@ -265,11 +265,11 @@ def train_job(job, cfg: ExperimentCfg, run_dir: str) -> dict[str, Any]:
 
 
 def _torchrun_job(job, cfg: ExperimentCfg, run_dir: str) -> dict[str, Any]:
-    from circuitkd.experiment import finished_row
+    from circuitkd.run.jobs import finished_row
 
     n = int(cfg.gpus_per_job)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-           "-m", "circuitkd.executors", str(run_dir), job.id]
+           "-m", "circuitkd.run.executors", str(run_dir), job.id]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cfg.cpus_per_job // n))}
     print("$", " ".join(cmd), flush=True)
     stream = sys.stdout if _has_fileno(sys.stdout) else None
@@ -293,7 +293,7 @@ def _has_fileno(stream) -> bool:
 
 def run_grid(cfg: ExperimentCfg, jobs: list, run_dir: str | Path, *, on_done: Callable[[dict], None]) -> None:
     """The grid's ``jobs`` (in dependency order) on Ray; ``on_done(row)`` for each model, finished ones first."""
-    from circuitkd.experiment import finished_row
+    from circuitkd.run.jobs import finished_row
 
     todo = []
     for job in jobs:
@@ -310,10 +310,11 @@ def run_grid(cfg: ExperimentCfg, jobs: list, run_dir: str | Path, *, on_done: Ca
 
 
 def _main(argv: list[str]) -> int:
-    """``python -m circuitkd.executors RUN_DIR JOB_ID``: one grid job in one ``torchrun`` process."""
+    """``python -m circuitkd.run.executors RUN_DIR JOB_ID``: one grid job in one ``torchrun`` process."""
     import torch
 
-    from circuitkd.experiment import plan, run_job
+    from circuitkd.run.plan import plan
+    from circuitkd.run.jobs import run_job
 
     run_dir, job_id = argv
     cfg = ExperimentCfg.from_json(Path(run_dir) / "config.json")

@@ -112,8 +112,8 @@ def _slug(text: str) -> str:
 
 def paper_findings(results: dict[str, Any], analysis: Optional[dict[str, Any]] = None) -> list[str]:
     """The paper's findings, one sentence each, with the verdict the run's intervals give (computed in
-    :func:`circuitkd.experiment.summarise` and, for the mechanism, :func:`circuitkd.study.mechanism_finding`)."""
-    from circuitkd.experiment import finding_detail
+    :func:`circuitkd.run.summarise` and, for the mechanism, :func:`circuitkd.run.study.mechanism_finding`)."""
+    from circuitkd.run.summary import finding_detail
 
     summary = results.get("summary", {})
     found = list(summary.get("findings", []))
@@ -199,7 +199,7 @@ def write_report(run_dir: str | Path, *, out: Optional[str | Path] = None) -> Pa
     run_dir = Path(run_dir)
     results_path = run_dir / "results.json"
     if not results_path.exists():
-        from circuitkd.experiment import ARMS
+        from circuitkd.run.plan import ARMS
 
         if any((run_dir / arm / "results.json").is_file() for arm in ARMS):
             return write_arms_report(run_dir, out=out)
@@ -299,7 +299,7 @@ def _demote(block: str) -> str:
 def write_arms_report(out_dir: str | Path, *, out: Optional[str | Path] = None) -> Path:
     """``<out_dir>/report.html`` for a folder of the study's arms: their setups, targets, verdicts and
     headline models side by side, then each arm's own report (figures, mechanisms, tables) in full."""
-    from circuitkd.arms import arm_dirs, load_arm, side_by_side
+    from circuitkd.run.arms import arm_dirs, load_arm, side_by_side
     from circuitkd.models.checkpoint import atomic_write_text
 
     out_dir = Path(out_dir)

@@ -1,6 +1,6 @@
 """The analysis half of the study: patching, attention diffing and circuits on the pairs that matter.
 
-After :func:`circuitkd.experiment.run_experiment` has trained and evaluated the grid,
+After :func:`circuitkd.run.run_experiment` has trained and evaluated the grid,
 :func:`analyse_run` picks the teacher/student pairs the paper's question is about — the
 plain teacher and its KD student, each debiased teacher and its KD student, and the
 student made with each fix — and for each runs, on the same bias-conflicting inputs:
@@ -105,7 +105,7 @@ def analyse_pair(run_dir: str | Path, cfg, seed: int, cmp: dict[str, str], *, n_
     from circuitkd.attention import diff_attention
     from circuitkd.circuits import compare_circuits
     from circuitkd.circuits.compare import head_matching
-    from circuitkd.experiment import load_task
+    from circuitkd.run.tasks import load_task
     from circuitkd.models import load_checkpoint
     from circuitkd.viz import attention as viz_attention
     from circuitkd.viz import circuits as viz_circuits
@@ -184,7 +184,7 @@ def analyse_pair(run_dir: str | Path, cfg, seed: int, cmp: dict[str, str], *, n_
 def load_finished_run(run_dir: str | Path) -> tuple[dict[str, Any], Any, Any]:
     """``(results.json's dict, its ExperimentCfg, the task rebuilt from it)`` of a finished run folder."""
     from circuitkd.config import ExperimentCfg
-    from circuitkd.experiment import load_task
+    from circuitkd.run.tasks import load_task
 
     results_path = Path(run_dir) / "results.json"
     if not results_path.exists():
@@ -202,7 +202,7 @@ def analyse_run(run_dir: str | Path, *, n_pairs: int = 96, n_attention: int = 25
 
     Each pair of each seed is one :func:`analyse_pair` job: in this process one after another
     (models shared between pairs are analysed once), or as Ray tasks when the run's config says
-    ``executor: "ray"`` (see :mod:`circuitkd.executors`).
+    ``executor: "ray"`` (see :mod:`circuitkd.run.executors`).
     """
     from circuitkd.models.checkpoint import atomic_write_dir
 
@@ -223,7 +223,7 @@ def analyse_run(run_dir: str | Path, *, n_pairs: int = 96, n_attention: int = 25
     if cfg.executor == "ray":
         # One Ray task per pair; each analyses its own teacher and student (a teacher shared by
         # two pairs is analysed twice, in parallel, with the same result).
-        from circuitkd.executors import RemoteJob, ray_cluster, run_remote
+        from circuitkd.run.executors import RemoteJob, ray_cluster, run_remote
 
         jobs = [RemoteJob(f"analysis-{cmp['name']}-s{s}", analyse_pair, (str(run_dir), cfg, s, cmp),
                           {**settings, "figures": s == seeds[0]}) for s, cmp in todo]
@@ -269,7 +269,7 @@ def analyse_run(run_dir: str | Path, *, n_pairs: int = 96, n_attention: int = 25
         (tmp / "analysis.json").write_text(json.dumps(analysis, indent=1, default=_jsonable))
 
     atomic_write_dir(run_dir / ANALYSIS_DIR, write)
-    from circuitkd.experiment import add_mechanism_finding
+    from circuitkd.run.runner import add_mechanism_finding
 
     add_mechanism_finding(run_dir, analysis["mechanism_finding"])
     log(f"analysis written to {run_dir / ANALYSIS_DIR} ({analysis['seconds']:.0f}s)")

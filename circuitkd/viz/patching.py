@@ -32,7 +32,7 @@ def head_effects_figure(teacher: Mapping[str, Any], student: Mapping[str, Any], 
     Args:
         teacher, student: dicts with ``effect`` (``[layer, head]`` nested lists or a tensor) and
             optionally ``sensitivity`` (the metric's clean − corrupt drop), as written by
-            :func:`circuitkd.study.analyse_run`.
+            :func:`circuitkd.run.study.analyse_run`.
         matching: ``[((teacher layer, head), (student layer, head), similarity), ...]``
             (:attr:`circuitkd.attention.AttentionDiff.matching`); each matched head is outlined
             and names its partner under its value (``≙S0.1``), unmatched teacher heads stay plain.
