@@ -5,6 +5,8 @@ a behaviour the other tests never looked at — which seed and split the unknown
 trains on, the name an objective saves itself under, the teacher confreg is handed, the
 checks of a damaged saved state. All run on the 2-class toy task with a tiny model.
 """
+import importlib
+
 import pytest
 import torch
 
@@ -100,3 +102,57 @@ def test_damaged_or_foreign_saved_state_is_refused_and_dtypes_are_restored(toy_t
     loss_fn.load_state_dict({**saved, "state": {"q": torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)}})
     assert loss_fn.state["q"].dtype == torch.float32
     assert torch.allclose(loss_fn.state["q"], torch.tensor([0.1, 0.2, 0.3, 0.4]))
+
+
+# ------------------------------------------------------------------------------ distill.py
+
+
+def test_a_kd_stage_gives_its_label_loss_the_stage_cfg_and_options(toy_task, monkeypatch):
+    """Kills: _distill_stage calling the debiasing objective without cfg, or without split and options."""
+    distill_mod = importlib.import_module("circuitkd.train.distill")
+
+    seen = {}
+    real = distill_mod.objective
+
+    def spy(name, task, model, **kwargs):
+        seen.update(kwargs)
+        return real(name, task, model, **kwargs)
+
+    monkeypatch.setattr(distill_mod, "objective", spy)
+    teacher = build_model(SPEC.replace(seed=5), toy_task)
+    distill_mod.distill(teacher, SPEC, toy_task, debias="group_dro", alpha=0.5, cfg=CFG, seed=4,
+                        debias_options={"options": {"dro_eta": 0.5}})
+    assert seen["cfg"] == CFG.replace(seed=4)
+    assert seen["split"] is toy_task.train and seen["options"] == {"dro_eta": 0.5}
+
+
+def test_a_checkpointed_stage_saves_partial_checkpoints_even_when_cfg_says_never(toy_task, tmp_path):
+    """Kills: the ``checkpoint_every == 0`` test inverted (an interrupted stage could not resume)."""
+    distill_mod = importlib.import_module("circuitkd.train.distill")
+
+    teacher = build_model(SPEC.replace(seed=5), toy_task)
+    student = distill_mod.distill(teacher, SPEC, toy_task, cfg=CFG, checkpoint=tmp_path / "student")
+    assert CFG.checkpoint_every == 0 and student.circuitkd_train["train_cfg"]["checkpoint_every"] == 50
+    kept = distill_mod.distill(teacher, SPEC, toy_task, cfg=CFG.replace(checkpoint_every=7), checkpoint=tmp_path / "s2")
+    assert kept.circuitkd_train["train_cfg"]["checkpoint_every"] == 7
+
+
+def test_a_teacher_with_another_output_count_is_refused_by_name(toy_task):
+    """Kills: the stage's output-count error losing its message."""
+    distill_mod = importlib.import_module("circuitkd.train.distill")
+
+    teacher = build_model(SPEC.replace(seed=5, n_classes=3, d_vocab=toy_task.vocab_size,
+                                       n_ctx=max(toy_task.seq_len, 8)))
+    with pytest.raises(CircuitKDError, match="teacher has 3 outputs but task 'toy' has 2 labels"):
+        distill_mod._distill_stage(teacher, SPEC, toy_task, toy_task.train, temperature=2.0, alpha=0.5,
+                                   debias="none", init=False, seed=0, cfg=CFG, device="cpu", checkpoint=None,
+                                   debias_options=None, desc="stage", info={})
+
+
+def test_attention_transfer_records_whether_teacher_patterns_were_cached(toy_task):
+    """Kills: the ``cached`` flag of the attention-transfer record saved under another key."""
+    distill_mod = importlib.import_module("circuitkd.train.distill")
+
+    teacher = build_model(SPEC.replace(seed=5), toy_task)
+    student = distill_mod.distill(teacher, SPEC, toy_task, cfg=CFG, attention_transfer=True)
+    assert isinstance(student.circuitkd_train["kd"]["attention_transfer"]["cached"], bool)

@@ -232,6 +232,39 @@ def run_group(group: str, n: int, seed: int, max_children: int, only: list[str],
     return summary
 
 
+def recheck(group: str, tests: list[str], base: Path, import_time_only: bool = False) -> dict:
+    """Run ``tests`` against each survivor of the group's last result, each in a fresh process.
+
+    How new tests are shown to kill what survived: the mutant is written into a copy of the
+    package and only ``tests`` run. The result (``<group>.after.json``, read again by the next
+    recheck) keeps a record of which tests killed which survivors.
+    """
+    after_path = base / f"{group}.after.json"
+    summary = json.loads((after_path if after_path.exists() else base / f"{group}.json").read_text())
+    os.chdir(base / group)
+    _configure(group)
+    started = time.monotonic()
+    shutil.rmtree(base / group / "fresh", ignore_errors=True)
+    counts, survivors, killed = dict(summary["counts"]), [], []
+    for survivor in summary["survivors"]:
+        func = survivor["name"].rsplit("__mutmut_", 1)[0].rsplit(".", 1)[1].removeprefix("x_")
+        if import_time_only and func not in _import_time_calls(ROOT / survivor["file"]):
+            survivors.append(survivor)
+            continue
+        code = _fresh_process_exit_code(survivor["name"], survivor["file"], tests, base / group)
+        if code == 1:
+            counts[survivor["status"]] -= 1
+            counts["killed"] = counts.get("killed", 0) + 1
+            killed.append(survivor["name"])
+        else:
+            survivors.append(survivor)
+    rounds = [*summary.get("rechecks", []), {"tests": tests, "import_time_only": import_time_only, "killed": killed,
+                                               "seconds": round(time.monotonic() - started)}]
+    after = {**summary, "counts": counts, "survivors": survivors, "rechecks": rounds}
+    after_path.write_text(json.dumps(after, indent=1))
+    return after
+
+
 def line(summary: dict) -> str:
     c = summary["counts"]
     killed, total = c.get("killed", 0), summary["sample"]
@@ -247,6 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-children", type=int, default=2, help="mutants tested at once")
     parser.add_argument("--only", nargs="*", default=[], help="these mutant names only (one group)")
+    parser.add_argument("--recheck", nargs="+", metavar="TEST",
+                        help="run these tests against the survivors of the group's last run, a fresh process each")
+    parser.add_argument("--import-time", action="store_true",
+                        help="with --recheck: only survivors in functions that run at import")
     parser.add_argument("--workdir", type=Path, default=ROOT / ".mutation")
     parser.add_argument("--debug", action="store_true", help="show mutmut's pytest commands and output")
     return parser
@@ -255,8 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.only and len(args.groups) != 1:
-        parser.error("--only takes one group")
+    if (args.only or args.recheck) and len(args.groups) != 1:
+        parser.error("--only and --recheck take one group")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("MKL_NUM_THREADS", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -274,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
             print(line(json.loads(path.read_text())) if path.exists() else f"{group}: no result")
         return 0
     args.workdir = args.workdir.absolute()
+    if args.recheck:
+        print(line(recheck(args.groups[0], args.recheck, args.workdir, args.import_time)), flush=True)
+        return 0
     summary = run_group(args.groups[0], args.sample, args.seed, args.max_children, args.only, args.workdir, args.debug)
     print(line(summary), flush=True)
     return 0
