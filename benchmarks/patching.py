@@ -8,7 +8,8 @@ so the peak resident set growth measured in a fresh subprocess per method is rep
 Repeats are interleaved (TransformerLens, circuitkd, then the other way round) and each time is
 the minimum, so load on a shared machine falls on both. On CPU each circuitkd row also gives the
 FLOPs it executed (``torch.utils.flop_counter``, an untimed second call) over its time, beside
-the best ``torch.matmul`` rate of the model's shapes measured in the same run.
+the best ``torch.matmul`` rate of the model's shapes measured in the same run, and TransformerLens's
+FLOPs too (their ratio is the speed-up the arithmetic allows at equal GFLOP/s).
 It also reports attribution patching's time and its correlation with exact patching.
 
     python benchmarks/patching.py                       # student and teacher, CPU, 1 thread
@@ -67,11 +68,12 @@ def run_one(args) -> dict:
             at = logits[:, 0] if logits.ndim == 3 else logits  # HF BERT's bridge emits class logits, read at CLS
             return (at.gather(1, a) - at.gather(1, b)).mean()
 
-        with torch.inference_mode():
-            _, cache = model.run_with_cache(p.clean)
-            import tqdm.auto  # noqa: F401  (TL's progress bar; silenced below)
-            out = tlp.get_act_patch_attn_head_out_by_pos(model, p.corrupt, cache, metric)
-        result = out.permute(0, 2, 1)  # [layer pos head] -> [layer head pos]
+        def call():
+            with torch.inference_mode():
+                _, cache = model.run_with_cache(p.clean)
+                import tqdm.auto  # noqa: F401  (TL's progress bar; silenced below)
+                return tlp.get_act_patch_attn_head_out_by_pos(model, p.corrupt, cache, metric)
+        result = call().permute(0, 2, 1)  # [layer pos head] -> [layer head pos]
     else:
         def call():
             if args.method == "attribution":
@@ -85,7 +87,7 @@ def run_one(args) -> dict:
     seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else _peak_rss_mb() - rss0
     out = {"seconds": seconds, "peak_mb": peak, "result": result.float().cpu().tolist()}
-    if args.flops and args.method != "tl":  # the same call again, untimed, under torch's FLOP counter
+    if args.flops:  # the same call again, untimed, under torch's FLOP counter
         from _common import count_flops
 
         out["flops"] = count_flops(call)
@@ -150,7 +152,7 @@ def main() -> None:
         best: dict = {}
         for r in range(args.repeats):  # interleaved (TL, circuitkd, ... then reversed): load falls on both
             for m in (methods if r % 2 == 0 else methods[::-1]):
-                res = measure(model, m, args, flops=(r == 0 and m != "tl" and args.device == "cpu"))
+                res = measure(model, m, args, flops=(r == 0 and args.device == "cpu"))
                 if m in best:
                     res.setdefault("flops", best[m].get("flops"))
                 best[m] = res if m not in best or res["seconds"] < best[m]["seconds"] else best[m]
@@ -163,8 +165,12 @@ def main() -> None:
             rows, d = min(args.n, args.batch_size) * args.pos, int(cfg.d_model)
             peak, _ = matmul_peak([(rows, d, d), (rows, d, 3 * d), (rows, d, int(cfg.d_mlp or 4 * d))])
             print(f"\n[{model}] matmul peak of the model's shapes (this run, {args.threads} thread): {peak:.1f} GFLOP/s")
+        tl_rate = ""
+        if tl.get("flops"):
+            gfs = tl["flops"] / tl["seconds"] / 1e9
+            tl_rate = f", {tl['flops'] / 1e9:.2f} GFLOP executed, {gfs:.2f} GFLOP/s ({gfs / peak:.1%} of peak)"
         print(f"[{model}] transformer_lens.patching: {tl['seconds']:.2f} s, peak {tl['peak_mb']:.1f} MB "
-              f"({tl_res.numel()} patched forwards)")
+              f"({tl_res.numel()} patched forwards){tl_rate}")
         exact = None
         for method in args.methods.split(","):
             r = best[method]
@@ -175,6 +181,8 @@ def main() -> None:
             if r.get("flops"):
                 gfs = r["flops"] / r["seconds"] / 1e9
                 rate = f", {r['flops'] / 1e9:.2f} GFLOP executed, {gfs:.2f} GFLOP/s ({gfs / peak:.1%} of peak)"
+                if tl.get("flops"):  # the speed-up the FLOPs allow at equal GFLOP/s
+                    rate += f"; TL executes x{tl['flops'] / r['flops']:.1f} its FLOPs"
             print(f"[{model}] circuitkd {method:8s}: {r['seconds']:.2f} s, peak {r['peak_mb']:.1f} MB, "
                   f"speed-up x{tl['seconds'] / r['seconds']:.1f} (target x10), max |diff| vs TL {err:.1e}{rate}")
         if not args.no_attribution:

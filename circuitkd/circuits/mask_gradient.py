@@ -38,7 +38,8 @@ def mask_gradient_ig(model, pairs: PromptPairs, *, metric: Metric, graph: Compon
     """Mask-gradient IG edge scores ``[source reader]`` (``[pos source reader]`` per position).
 
     Per batch ``steps + 1`` edge-patched forwards + backwards, ``steps_per_forward`` of them (default as many
-    as fit :data:`~circuitkd.circuits.native_gradients.TOKENS_PER_FORWARD`) in the batch dimension of one
+    as fit :data:`~circuitkd.circuits.native_gradients.TOKENS_PER_FORWARD`, ``MASK_TOKENS_PER_FORWARD`` on the
+    native path) in the batch dimension of one
     forward, copy ``k`` with every mask at its own ``alpha``; on native pre-LN models without hooks
     (:func:`circuitkd.circuits.native_gradients.mask_gradients`: ``d metric / d w[s, r]`` is source ``s``'s
     difference dotted with the gradient at reader ``r``'s input).
@@ -54,8 +55,9 @@ def mask_gradient_ig(model, pairs: PromptPairs, *, metric: Metric, graph: Compon
     for bv in batches(model, graph, pairs, batch_size=batch_size, ablation=ablation, mean_values=mean_values):
         device = bv.replacement.device
         B, P = bv.pairs.clean.shape[:2]
-        per = native_gradients.copies_per_forward(B, P, steps_per_forward, len(alphas))
         native = native_gradients.supported(model, graph, bv.pairs.clean, per_position=False)
+        per = native_gradients.copies_per_forward(B, P, steps_per_forward, len(alphas),
+                                                  native_gradients.MASK_TOKENS_PER_FORWARD if native else None)
         for start in range(0, len(alphas), per):
             a = alphas[start:start + per]
             K = len(a)
