@@ -14,16 +14,9 @@ from circuitkd.circuits.gradients import hooked_reader_gradients
 from circuitkd.models.build import build_model
 
 from .conftest import SPECS, text_pairs
+from .test_fast_paths import _padded
 
 NG = importlib.import_module("circuitkd.circuits.native_gradients")
-
-
-def _padded(pairs):
-    mask = torch.ones_like(pairs.clean)
-    mask[0, -2:] = 0
-    mask[3, -1:] = 0
-    return type(pairs)(clean=pairs.clean, corrupt=pairs.corrupt, clean_answer=pairs.clean_answer,
-                       corrupt_answer=pairs.corrupt_answer, position=pairs.position, attention_mask=mask)
 
 
 def _setup(kind, position):
