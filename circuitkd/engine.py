@@ -116,6 +116,15 @@ def as_inputs(data: Any, attention_mask: Optional[Tensor] = None, *, which: str 
     raise CircuitKDError(f"cannot run on inputs of type {type(data).__name__}")
 
 
+def pair_batches(pairs: PromptPairs, batch_size: int, device: torch.device | str) -> Iterable[PromptPairs]:
+    """``pairs`` in consecutive batches of ``batch_size`` on ``device`` (the last one may be smaller): the
+    one batch loop of every analysis that runs on pairs (patching, circuit discovery)."""
+    if batch_size < 1:
+        raise CircuitKDError(f"batch_size must be >= 1, got {batch_size}")
+    for start in range(0, len(pairs), batch_size):
+        yield pairs[start:start + batch_size].to(device)
+
+
 def iter_batches(inputs: Tensor, attention_mask: Optional[Tensor], batch_size: int,
                  device: torch.device) -> Iterable[Batch]:
     """Batches of ``batch_size`` on ``device`` (the last one may be smaller)."""
@@ -163,7 +172,8 @@ class Mean:
 
     Result: the activation's trailing shape (``[d_model]``, ``[head d_head]``,
     ``[head dest_pos src_pos]`` for patterns, averaged over examples only).
-    ``over_positions=False`` keeps the position axis (mean over examples only).
+    ``over_positions=False`` keeps the position axis: the mean over the examples with a real token at
+    each position (zero where none has one), what mean-ablating a per-position activation needs.
     """
 
     def __init__(self, site: Site, *, over_positions: bool = True):
@@ -175,19 +185,23 @@ class Mean:
 
     def update(self, acts: Mapping[Site, Tensor], batch: Batch) -> None:
         act = acts[self.site].double()
-        if self.over_positions:
+        if self.site.kind == "pattern":  # [batch head dest src]: no position axis to weight
+            total, count = act.sum(dim=0), act.shape[0]
+        else:
             w = _real(batch, act)
             w = w.reshape(w.shape + (1,) * (act.dim() - 2))
-            total, count = (act * w).sum(dim=(0, 1)), w.sum()
-        else:
-            total, count = act.sum(dim=0), act.shape[0]
+            if self.over_positions:
+                total, count = (act * w).sum(dim=(0, 1)), w.sum()
+            else:
+                total, count = (act * w).sum(dim=0), w.sum(dim=0)  # per position: [pos 1 ...]
         self.total = total if self.total is None else self.total + total
         self.count = self.count + count
 
     def result(self) -> Tensor:
         if self.total is None:
             raise CircuitKDError(f"Mean({self.site}) saw no data")
-        return (self.total / self.count).float()
+        count = self.count.clamp_min(1) if isinstance(self.count, Tensor) else self.count
+        return (self.total / count).float()
 
 
 class TokenClassMean:

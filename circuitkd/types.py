@@ -1,28 +1,20 @@
-"""Typed tensor aliases and the small value types shared across circuitkd.
+"""The small value types shared across circuitkd: the patch :class:`Direction`, circuit
+:class:`Node` and :class:`Edge`, and :class:`PromptPairs`.
 
-One vocabulary of dimension names is used on every public signature:
+One vocabulary of dimension names is used on every public signature (jaxtyping):
 ``batch pos d_model d_vocab layer head dest_pos src_pos n_classes``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
-from jaxtyping import Float, Int
 from torch import Tensor
 
 from circuitkd.errors import CircuitKDError
 
-Tokens = Int[Tensor, "batch pos"]
-Mask = Int[Tensor, "batch pos"]
-Pixels = Float[Tensor, "batch channel height width"]
-Logits = Float[Tensor, "batch n_classes"]
-PosLogits = Float[Tensor, "batch pos d_vocab"]
-Resid = Float[Tensor, "batch pos d_model"]
-Pattern = Float[Tensor, "batch head dest_pos src_pos"]
-Labels = Int[Tensor, " batch"]
 
 class Direction(str, Enum):
     """Which way a patch moves activations, in patching and circuit discovery alike.
@@ -41,10 +33,6 @@ class Direction(str, Enum):
             return cls(value)
         except ValueError:
             raise CircuitKDError(f"direction must be 'denoise' or 'noise', got {value!r}") from None
-
-
-NodeKind = Literal["embed", "head", "mlp", "output"]
-Port = Literal["q", "k", "v", "in"]
 
 
 @dataclass(frozen=True, order=True)

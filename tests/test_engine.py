@@ -133,3 +133,18 @@ def test_bad_inputs_raise(native):
         run(native, toks, sites=[Site(0, "z", head=7)])
     with pytest.raises(CircuitKDError, match="token mask shape"):
         run(native, toks, reducers={"t": TokenClassMean(Site(0, "resid_pre"), torch.ones(4, 3, dtype=torch.bool))})
+
+
+def test_mean_keeping_positions_counts_only_real_tokens_at_each_position():
+    """Mean(over_positions=False): per position, the mean over the examples with a real token there
+    (the mean-ablation value of a per-position activation), streamed over unequal batches."""
+    from circuitkd.engine import Batch
+
+    g = torch.Generator().manual_seed(0)
+    act = torch.randn(5, 4, 3, 2, generator=g)  # [batch pos head d_head]
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
+    mean = Mean(Site(0, "z"), over_positions=False)
+    for idx in (slice(0, 2), slice(2, 5)):
+        mean.update({Site(0, "z"): act[idx]}, Batch(torch.zeros(1), mask[idx], idx))
+    expected = torch.stack([act[mask[:, p].bool(), p].mean(0) for p in range(4)])
+    torch.testing.assert_close(mean.result(), expected)

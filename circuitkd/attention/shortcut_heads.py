@@ -4,13 +4,13 @@ draws counterfactual pairs)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from circuitkd.data.task import Split, Task
-from circuitkd.engine import model_device, run
+from circuitkd.engine import Mean, model_device, run
 from circuitkd.errors import CircuitKDError
 from circuitkd.hooks import Site, hook_name, n_heads, n_layers
 from circuitkd.attention.common import _check_inputs, _Data, head_name, _prepare, _top
@@ -18,39 +18,10 @@ from circuitkd.attention.statistics import attention_stats, AttentionStats
 
 #: Name of the union of the shortcut token classes in every statistic.
 
-class _PositionMean:
-    """Streaming mean of a per-position activation over examples, counting only real positions.
-
-    Result ``[pos ...]`` (zero where no example has a real token). A
-    :class:`circuitkd.engine.Reducer`.
-    """
-
-    def __init__(self, site: Site):
-        self.site = site
-        self.sites = [site]
-        self.total: Optional[Tensor] = None
-        self.count: Optional[Tensor] = None
-
-    def update(self, acts: Mapping[Site, Tensor], batch) -> None:
-        act = acts[self.site].double()
-        w = torch.ones(act.shape[:2], dtype=act.dtype, device=act.device) if batch.attention_mask is None \
-            else batch.attention_mask.to(act.dtype)
-        total = (act * w.reshape(w.shape + (1,) * (act.dim() - 2))).sum(0)
-        count = w.sum(0)
-        self.total = total if self.total is None else self.total + total
-        self.count = count if self.count is None else self.count + count
-
-    def result(self) -> Tensor:
-        if self.total is None:
-            raise CircuitKDError(f"mean of {self.site} saw no data")
-        c = self.count.clamp_min(1).reshape(self.count.shape + (1,) * (self.total.dim() - 1))
-        return (self.total / c).float()
-
-
 def mean_z(model, inputs: Tensor, attention_mask: Optional[Tensor] = None, *, batch_size: int = 64) -> list[Tensor]:
     """Per layer, the mean ``z`` over examples at each real position: ``[pos head d_head]`` (mean-ablation values)."""
     L = n_layers(model)
-    reducers = {str(layer): _PositionMean(Site(layer, "z")) for layer in range(L)}
+    reducers = {str(layer): Mean(Site(layer, "z"), over_positions=False) for layer in range(L)}
     res = run(model, inputs, attention_mask=attention_mask, reducers=reducers, keep_logits=False,
               batch_size=batch_size)
     return [res.reduced[str(layer)] for layer in range(L)]

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from circuitkd.circuits.forward import SourceValues, patched_forward, source_values
 from circuitkd.circuits.graph import ComponentGraph
+from circuitkd.engine import pair_batches
 from circuitkd.errors import CircuitKDError
 from circuitkd.models.build import model_device
 from circuitkd.types import PromptPairs
@@ -50,13 +51,10 @@ def batches(model, graph: ComponentGraph, pairs: PromptPairs, *, batch_size: int
     """Batches of ``pairs`` on the model's device with clean/corrupt source values."""
     if ablation not in ABLATIONS:
         raise CircuitKDError(f"unknown ablation {ablation!r}; expected one of {ABLATIONS}")
-    if batch_size < 1:
-        raise CircuitKDError(f"batch_size must be >= 1, got {batch_size}")
     device = model_device(model)
     if ablation == "mean" and mean_values is None:
         mean_values = mean_source_values(model, graph, pairs, batch_size=batch_size)
-    for start in range(0, len(pairs), batch_size):
-        part = pairs[start:start + batch_size].to(device)
+    for part in pair_batches(pairs, batch_size, device):
         clean = source_values(model, graph, part.clean, part.attention_mask)
         corrupt = source_values(model, graph, part.corrupt, part.attention_mask)
         if ablation == "corrupt":
@@ -73,8 +71,7 @@ def mean_source_values(model, graph: ComponentGraph, pairs: PromptPairs, *, batc
     """``[1 pos source d_model]``: each source's output averaged over the pairs' ``which`` inputs."""
     device = model_device(model)
     total, n = None, 0
-    for start in range(0, len(pairs), batch_size):
-        part = pairs[start:start + batch_size].to(device)
+    for part in pair_batches(pairs, batch_size, device):
         vals = source_values(model, graph, getattr(part, which), part.attention_mask).outputs
         total = vals.sum(0, keepdim=True) if total is None else total + vals.sum(0, keepdim=True)
         n += vals.shape[0]

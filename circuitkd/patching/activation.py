@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from circuitkd import native
-from circuitkd.engine import forward, iter_batches, model_device
+from circuitkd.engine import check_pairs, forward, model_device, pair_batches
 from circuitkd.errors import CircuitKDError
 from circuitkd.hooks import Site, backbone_of, n_heads, n_layers
 from circuitkd.metrics import MetricArg, evaluate_metric, read_positions, readout, resolve_metric
@@ -19,7 +19,6 @@ from circuitkd.patching.hooked import (
 from circuitkd.patching.sites import (
     check_cross, check_kind, direction_inputs, get_site, make_cells, n_positions, normalise_effect,
 )
-from circuitkd.engine import check_pairs
 from circuitkd.types import Direction, PromptPairs
 
 
@@ -118,8 +117,7 @@ def _patch(model, pairs, site, metric, *, direction, normalise, batch_size, meth
     if method == "fast":
         ex = native.NativeExecutor(model)
         src_ex = native.NativeExecutor(source_model) if cross else ex
-    for batch in iter_batches(torch.arange(len(pairs)), None, batch_size, torch.device("cpu")):
-        sub = pairs[batch.index].to(device)
+    for sub in pair_batches(pairs, batch_size, device):
         base_in, src_in = direction_inputs(sub, direction)
         if cross:
             src_in = base_in

@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from circuitkd.engine import check_pairs, forward, iter_batches, model_device
+from circuitkd.engine import check_pairs, forward, model_device, pair_batches
 from circuitkd.hooks import Site, capture_hooks, edit_hooks, n_heads, n_layers
 from circuitkd.metrics import MetricArg, evaluate_metric, read_positions, readout, resolve_metric
 from circuitkd.patching.hooked import capture_batch
@@ -55,8 +55,7 @@ def attribution_patch(
     sites = [Site(i, ps.kind) for i in grids[0]]
     total = torch.zeros((len(sites),) + ((H,) if ps.by_head else ()) + ((P,) if ps.by_pos else ()), dtype=torch.float64)
     m_base_sum = m_src_sum = 0.0
-    for batch in iter_batches(torch.arange(len(pairs)), None, batch_size, torch.device("cpu")):
-        sub = pairs[batch.index].to(device)
+    for sub in pair_batches(pairs, batch_size, device):
         base_in, src_in = direction_inputs(sub, direction)
         mask = sub.attention_mask
         r = read_positions(sub, P, device)

@@ -8,7 +8,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from circuitkd.engine import check_pairs, forward, iter_batches, model_device
+from circuitkd.engine import check_pairs, forward, model_device, pair_batches
 from circuitkd.errors import CircuitKDError
 from circuitkd.hooks import Site, edit_hooks, has_mlp, hook_name, n_heads, n_layers
 from circuitkd.metrics import MetricArg, evaluate_metric, read_positions, readout, resolve_metric
@@ -73,8 +73,7 @@ def path_patch(
     m_base_sum = m_src_sum = 0.0
     z_sites = [Site(i, "z") for i in range(L)]
     mlp_sites = [Site(i, "mlp_out") for i in range(L)] if (freeze_mlps and has_mlp(model)) else []
-    for batch in iter_batches(torch.arange(len(pairs)), None, batch_size, torch.device("cpu")):
-        sub = pairs[batch.index].to(device)
+    for sub in pair_batches(pairs, batch_size, device):
         base_in, src_in = direction_inputs(sub, direction)
         mask = sub.attention_mask
         B = len(sub)
