@@ -6,6 +6,8 @@ trains on, the name an objective saves itself under, the teacher confreg is hand
 checks of a damaged saved state. All run on the 2-class toy task with a tiny model.
 """
 import importlib
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +20,8 @@ from circuitkd.models.build import model_device, spec_of
 from circuitkd.train import debias
 from circuitkd.train.bias_models import bias_probs
 from circuitkd.train.loop import Batch
+from tests.train.toy import ToyTokenizer
+from tests.train.toy import toy_task as toy_train_task
 
 SPEC = ModelSpec.preset("tiny")
 CFG = TrainCfg(steps=2, batch_size=16, progress=False, checkpoint_every=0)
@@ -126,15 +130,50 @@ def test_a_kd_stage_gives_its_label_loss_the_stage_cfg_and_options(toy_task, mon
     assert seen["split"] is toy_task.train and seen["options"] == {"dro_eta": 0.5}
 
 
-def test_a_checkpointed_stage_saves_partial_checkpoints_even_when_cfg_says_never(toy_task, tmp_path):
-    """Kills: the ``checkpoint_every == 0`` test inverted (an interrupted stage could not resume)."""
-    distill_mod = importlib.import_module("circuitkd.train.distill")
+class _SavingTokenizer(ToyTokenizer):
+    def save(self, path):
+        Path(path).write_text('{"vocab_size": 12}')
 
-    teacher = build_model(SPEC.replace(seed=5), toy_task)
-    student = distill_mod.distill(teacher, SPEC, toy_task, cfg=CFG, checkpoint=tmp_path / "student")
+
+def test_a_checkpointed_stage_saves_partial_checkpoints_and_a_complete_final_one(tmp_path):
+    """Kills: the ``checkpoint_every == 0`` test inverted (an interrupted stage could not resume); the
+    final checkpoint saved without the tokenizer, the task's source or the seed; the partial
+    checkpoint folder left behind."""
+    distill_mod = importlib.import_module("circuitkd.train.distill")
+    from circuitkd.models.checkpoint import CONFIG, TOKENIZER
+    from circuitkd.train.train import partial_dir
+
+    task = toy_train_task(0, n_train=64, n_test=32)
+    task.tokenizer, task.info["source"] = _SavingTokenizer(), "hand-made"
+    teacher = build_model(SPEC.replace(seed=5), task)
+    student = distill_mod.distill(teacher, SPEC, task, cfg=CFG, seed=6, checkpoint=tmp_path / "student")
     assert CFG.checkpoint_every == 0 and student.circuitkd_train["train_cfg"]["checkpoint_every"] == 50
-    kept = distill_mod.distill(teacher, SPEC, toy_task, cfg=CFG.replace(checkpoint_every=7), checkpoint=tmp_path / "s2")
+    assert student.circuitkd_train["seed"] == 6
+    assert (tmp_path / "student" / TOKENIZER).read_text() == '{"vocab_size": 12}'
+    assert json.loads((tmp_path / "student" / CONFIG).read_text())["task_source"] == "hand-made"
+    assert not partial_dir(tmp_path / "student").exists()
+    kept = distill_mod.distill(teacher, SPEC, task, cfg=CFG.replace(checkpoint_every=7), checkpoint=tmp_path / "s2")
     assert kept.circuitkd_train["train_cfg"]["checkpoint_every"] == 7
+
+
+def test_augmentation_adds_the_examples_it_names_drawn_with_the_seed(monkeypatch):
+    """Kills: ``augment=True`` not drawing a quarter of the train size; ``augment=n`` drawn without the seed."""
+    distill_mod = importlib.import_module("circuitkd.train.distill")
+    splits = []
+    real = distill_mod.train_loop
+
+    def spy(model, split, *args, **kwargs):
+        splits.append(split)
+        return real(model, split, *args, **kwargs)
+
+    monkeypatch.setattr(distill_mod, "train_loop", spy)
+    task = toy_train_task(0, n_train=64, n_test=32)
+    teacher = build_model(SPEC.replace(seed=5), task)
+    for augment, n in ((True, 16), (8, 8)):
+        distill_mod.distill(teacher, SPEC, task, augment=augment, cfg=CFG, seed=3)
+        assert len(splits[-1]) == 64 + n
+        assert torch.equal(splits[-1].inputs[64:], task.augmentation(n, seed=3).inputs)
+    assert not torch.equal(task.augmentation(8, seed=3).inputs, task.augmentation(8, seed=0).inputs)
 
 
 def test_a_teacher_with_another_output_count_is_refused_by_name(toy_task):
@@ -150,9 +189,9 @@ def test_a_teacher_with_another_output_count_is_refused_by_name(toy_task):
 
 
 def test_attention_transfer_records_whether_teacher_patterns_were_cached(toy_task):
-    """Kills: the ``cached`` flag of the attention-transfer record saved under another key."""
+    """Kills: the ``cached`` flag of the attention-transfer record saved under another key, or inverted."""
     distill_mod = importlib.import_module("circuitkd.train.distill")
 
     teacher = build_model(SPEC.replace(seed=5), toy_task)
     student = distill_mod.distill(teacher, SPEC, toy_task, cfg=CFG, attention_transfer=True)
-    assert isinstance(student.circuitkd_train["kd"]["attention_transfer"]["cached"], bool)
+    assert student.circuitkd_train["kd"]["attention_transfer"]["cached"] is True  # the toy split fits the cache

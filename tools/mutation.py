@@ -186,12 +186,39 @@ def _fresh_process_exit_code(name: str, path: str, tests: list[str], base: Path)
         (fresh / path).write_text(original)
 
 
+def _skip_clean_run_after_stats() -> None:
+    """Skip mutmut's clean run of the selected tests when its stats run just passed them all.
+
+    The stats run executes every test of the selection unmutated and stops the run if one
+    fails, so a clean run straight after it repeats the same work: about ten minutes for the
+    circuits group on two cores. When the stats are loaded from an earlier run instead, the
+    clean run happens as usual.
+    """
+    import mutmut.__main__ as main
+    from mutmut.workers import isolation
+
+    ran = []
+    collect, clean = main.run_stats_collection, isolation.ForkRunner.run_clean_tests
+
+    def run_stats_collection(runner, tests=None):
+        collect(runner, tests)
+        if not tests:  # a full stats run (not just the tests new since the last one)
+            ran.append(True)
+
+    def run_clean_tests(self, tests):
+        return 0 if ran else clean(self, tests)
+
+    main.run_stats_collection = run_stats_collection
+    isolation.ForkRunner.run_clean_tests = run_clean_tests
+
+
 def run_group(group: str, n: int, seed: int, max_children: int, only: list[str], base: Path,
               debug: bool = False) -> dict:
     """Generate the group's mutants, run its sample (or ``only``), and summarise the results."""
     os.chdir(_workdir(base, group))
     sys.path.insert(0, str(Path("mutants").absolute()))
     _configure(group, debug)
+    _skip_clean_run_after_stats()
     from mutmut.__main__ import _run
     from mutmut.mutation.diff_apply import get_diff_for_mutant
 
