@@ -344,6 +344,14 @@ def test_shortcut_heads_confirmed_by_the_patching_engine():
     model = build_model(ModelSpec.preset("tiny", n_layers=1, n_heads=2), task, device="cpu")
     res = A.shortcut_heads(model, task, n=None, pairs=pairs, confirm="patching")
     assert res.patching is not None and res.patching.shape == (1, 2) and torch.isfinite(res.patching).all()
+    from circuitkd.patching import patch
+
+    torch.testing.assert_close(res.patching, patch(model, pairs, "head", metric="kl"))  # the default metric
+    # any metric of patch's vocabulary: with answers that differ, the logit difference
+    contrast = PromptPairs(clean=clean, corrupt=corrupt, clean_answer=task.ood_test.labels,
+                           corrupt_answer=1 - task.ood_test.labels, attention_mask=task.ood_test.attention_mask)
+    res = A.shortcut_heads(model, task, n=None, pairs=contrast, confirm="patching", metric="logit_diff")
+    torch.testing.assert_close(res.patching, patch(model, contrast, "head", metric="logit_diff"))
 
 
 # ---------------------------------------------------------------------------- diff, backbones, errors

@@ -13,6 +13,7 @@ from circuitkd.data.task import Split, Task
 from circuitkd.engine import Mean, model_device, run
 from circuitkd.errors import CircuitKDError
 from circuitkd.hooks import Site, hook_name, n_heads, n_layers
+from circuitkd.metrics import MetricArg
 from circuitkd.attention.common import _check_inputs, _Data, head_name, _prepare, _top
 from circuitkd.attention.statistics import attention_stats, AttentionStats
 
@@ -168,14 +169,14 @@ def _conflict_labels(data: _Data) -> tuple[Tensor, Tensor]:
 def shortcut_heads(model, task: Task | Split, *, split: str = "ood_test", n: Optional[int] = 512,
                    batch_size: int = 64, shortcut: Any = None, k: int = 5, min_effect: float = 0.1,
                    confirm: str = "auto", pairs: Any = None, n_pairs: int = 256, seed: int = 0,
-                   stats: Optional[AttentionStats] = None) -> ShortcutHeads:
+                   metric: MetricArg = "kl", stats: Optional[AttentionStats] = None) -> ShortcutHeads:
     """Rank heads by attention to shortcut tokens and confirm them causally.
 
     Confirmation (``confirm``): "ablation" mean-ablates each head's ``z`` (means over the
     ``n`` examples) on the bias-conflicting ones, every head at once as stacked copies;
-    "patching" also runs :func:`circuitkd.patching.patch` on counterfactual shortcut pairs
-    (``pairs`` or ``task.counterfactual_pairs(n_pairs, flip="shortcut")``); "auto" adds
-    patching when pairs are available.
+    "patching" also runs :func:`circuitkd.patching.patch` (denoising, ``metric``: a name or a callable
+    of the one metric signature, default ``"kl"``) on shortcut pairs (``pairs`` or
+    ``task.shortcut_pairs(n_pairs)``); "auto" adds patching when pairs are available.
 
     A shortcut head must both attend to shortcut tokens and matter: only the ``k`` heads with
     the most shortcut attention are candidates, and a candidate is confirmed when ``|Δlogit-diff|
@@ -216,10 +217,10 @@ def shortcut_heads(model, task: Task | Split, *, split: str = "ood_test", n: Opt
         if pairs is None:
             if not isinstance(task, Task):
                 raise CircuitKDError("confirm='patching' needs pairs= or a Task that can draw counterfactual pairs")
-            pairs = task.counterfactual_pairs(n=n_pairs, flip="shortcut", seed=seed)
+            pairs = task.shortcut_pairs(n=n_pairs, seed=seed)
         from circuitkd.patching import patch
 
-        patching = patch(model, pairs, site="head", metric="kl", direction="denoise", batch_size=batch_size)
+        patching = patch(model, pairs, site="head", metric=metric, direction="denoise", batch_size=batch_size)
         patching = patching.float().cpu()
     ranking = []
     for rank, (layer, head, att) in enumerate(_top(attention, L * H)):

@@ -91,7 +91,7 @@ def discover(model, pairs: PromptPairs, method: str = "eap-ig", metric=None, *, 
              check_post_ln: bool = True, post_ln_tolerance: float = 0.25, **options) -> Circuit:
     """Find a circuit in ``model`` for the behaviour ``pairs`` contrast.
 
-    ``metric``: a name from :data:`circuitkd.metrics.METRICS` or ``metric(logits, pairs) -> Float[batch]``;
+    ``metric``: a name from :data:`circuitkd.metrics.METRICS` or ``metric(logits, pairs, clean_logits=None) -> Float[batch]``;
     the default is the logit difference between ``pairs.clean_answer`` and ``pairs.corrupt_answer``
     (gold vs the shortcut's label on :meth:`Task.shortcut_pairs`). ``top_k`` / ``threshold`` set the
     circuit's mask from the scores (ACDC sets its own). On a post-LN model (BERT) edges use
