@@ -195,3 +195,18 @@ def test_attention_transfer_records_whether_teacher_patterns_were_cached(toy_tas
     teacher = build_model(SPEC.replace(seed=5), toy_task)
     student = distill_mod.distill(teacher, SPEC, toy_task, cfg=CFG, attention_transfer=True)
     assert student.circuitkd_train["kd"]["attention_transfer"]["cached"] is True  # the toy split fits the cache
+
+
+def test_memoised_logits_from_the_pattern_forward_are_read_where_the_model_reads(toy_task):
+    """Kills: _MemoBatch.patterns reading the class at position 0 (no read positions, or those of no model):
+    a causal student reads its last real token, so attention-transfer KD would train the wrong logits."""
+    distill_mod = importlib.import_module("circuitkd.train.distill")
+    model = build_model(SPEC.replace(seed=1, causal=True), toy_task)
+    idx = torch.arange(6)
+    batch = _batch(toy_task.train, idx)
+    assert (batch.attention_mask.sum(1) < batch.attention_mask.shape[1]).any()  # some rows are padded
+    memo = distill_mod._MemoBatch(**{k: getattr(batch, k) for k in ("inputs", "labels", "index", "groups",
+                                                                     "attention_mask")})
+    patterns = memo.patterns(model)
+    assert patterns.shape[:3] == (6, SPEC.n_layers, SPEC.n_heads)
+    torch.testing.assert_close(memo.logits(model), batch.logits(model), atol=1e-5, rtol=1e-5)

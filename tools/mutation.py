@@ -292,6 +292,27 @@ def recheck(group: str, tests: list[str], base: Path, import_time_only: bool = F
     return after
 
 
+def markdown(groups: list[str], base: Path) -> str:
+    """The scores before and after the rechecks, and the survivors left, as Markdown tables."""
+    rows = ["| group | sampled / generated | killed before | timeouts | survived | killed after new tests |",
+            "|---|---|---|---|---|---|"]
+    left = ["| mutant | where | the mutated line |", "|---|---|---|"]
+    for group in groups:
+        if not (base / f"{group}.json").exists():
+            continue
+        before = json.loads((base / f"{group}.json").read_text())
+        after_path = base / f"{group}.after.json"
+        after = json.loads(after_path.read_text()) if after_path.exists() else before
+        n, b, a = before["sample"], before["counts"].get("killed", 0), after["counts"].get("killed", 0)
+        rows.append(f"| {group} | {n} / {before['generated']} | {b} ({100 * b / n:.0f}%) | "
+                    f"{before['counts'].get('timeout', 0)} | {n - b - before['counts'].get('timeout', 0)} | "
+                    f"{a} ({100 * a / n:.0f}%) |")
+        for s in after["survivors"]:
+            change = " ".join(l[1:].strip() for l in s["diff"].splitlines() if l[:1] == "+" and l[1:].strip())
+            left.append(f"| `{s['name'].rsplit('.', 1)[1]}` | {s['file']}:{s['line']} | `{change[:110]}` |")
+    return "\n".join(rows) + "\n\n" + "\n".join(left) + "\n"
+
+
 def line(summary: dict) -> str:
     c = summary["counts"]
     killed, total = c.get("killed", 0), summary["sample"]
@@ -311,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run these tests against the survivors of the group's last run, a fresh process each")
     parser.add_argument("--import-time", action="store_true",
                         help="with --recheck: only survivors in functions that run at import")
+    parser.add_argument("--markdown", action="store_true", help="print the groups' last results as Markdown")
     parser.add_argument("--workdir", type=Path, default=ROOT / ".mutation")
     parser.add_argument("--debug", action="store_true", help="show mutmut's pytest commands and output")
     return parser
@@ -338,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
             print(line(json.loads(path.read_text())) if path.exists() else f"{group}: no result")
         return 0
     args.workdir = args.workdir.absolute()
+    if args.markdown:
+        print(markdown(args.groups, args.workdir))
+        return 0
     if args.recheck:
         print(line(recheck(args.groups[0], args.recheck, args.workdir, args.import_time)), flush=True)
         return 0
