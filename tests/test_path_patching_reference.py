@@ -64,7 +64,7 @@ def test_path_to_logits_is_the_hand_direct_effect(model, direction):
     assert (got - m_base).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("port", ["q", "k"])
+@pytest.mark.parametrize("port", ["q", "k", "v"])
 def test_path_through_receiver_heads_is_hand_patched(model, port):
     pairs = _pairs()
     receivers = [(2, 1, port)]
