@@ -210,3 +210,19 @@ def test_memoised_logits_from_the_pattern_forward_are_read_where_the_model_reads
     patterns = memo.patterns(model)
     assert patterns.shape[:3] == (6, SPEC.n_layers, SPEC.n_heads)
     torch.testing.assert_close(memo.logits(model), batch.logits(model), atol=1e-5, rtol=1e-5)
+
+
+def test_a_teacher_of_the_other_modality_is_refused_saying_what_it_reads(toy_task):
+    """Kills: _check_teacher_fits' message naming the wrong input kind."""
+    import copy
+
+    distill_mod = importlib.import_module("circuitkd.train.distill")
+    text_teacher = build_model(SPEC.replace(seed=5), toy_task)
+    with pytest.raises(CircuitKDError, match=r"'native' teacher \(it reads text\) on the image task 'img'"):
+        image_task = copy.copy(toy_task)
+        image_task.modality, image_task.name = "image", "img"
+        distill_mod._check_teacher_fits(text_teacher, image_task)
+    vit = build_model(ModelSpec(backbone="vit", n_layers=1, d_model=16, n_heads=2, n_classes=2, image_size=8,
+                                patch_size=4))
+    with pytest.raises(CircuitKDError, match=r"'vit' teacher \(it reads images\) on the text task 'toy'"):
+        distill_mod._check_teacher_fits(vit, toy_task)
