@@ -347,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MKL_NUM_THREADS", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.markdown:
+        print(markdown(args.groups, args.workdir.absolute()))
+        return 0
     if len(args.groups) > 1:  # mutmut keeps its config and state in globals: one process per group
         for group in args.groups:
             command = [sys.executable, __file__, group, "--sample", str(args.sample), "--seed", str(args.seed),
@@ -360,9 +363,6 @@ def main(argv: list[str] | None = None) -> int:
             print(line(json.loads(path.read_text())) if path.exists() else f"{group}: no result")
         return 0
     args.workdir = args.workdir.absolute()
-    if args.markdown:
-        print(markdown(args.groups, args.workdir))
-        return 0
     if args.recheck:
         print(line(recheck(args.groups[0], args.recheck, args.workdir, args.import_time)), flush=True)
         return 0
