@@ -13,7 +13,6 @@ evaluator before the native runner).
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import time
 
@@ -107,12 +106,8 @@ def acdc_rows(model, pairs, graph, metric, thresholds, rows) -> None:
     t_slow, slow = timed(lambda: acdc_sweep(1))
     assert all(torch.equal(a.mask, b.mask) for a, b in zip(fast, slow))
     rows.append(("acdc (20 thresholds)", t_fast, "one candidate per forward", t_slow))
-    acdc_module = importlib.import_module("circuitkd.circuits.acdc")
-    acdc_module._NATIVE_RUNNER = False  # the hooked patched_forward ACDC used before the native runner
-    try:
+    with C.hooked_only():  # the hooked patched_forward ACDC used before the native runner
         t_hooked, hooked = timed(lambda: acdc_sweep(32))
-    finally:
-        acdc_module._NATIVE_RUNNER = True
     assert all(torch.equal(a.mask, b.mask) for a, b in zip(fast, hooked))
     rows.append(("acdc (20 thresholds)", t_fast, "same, hooked patched_forward", t_hooked))
 

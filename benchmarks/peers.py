@@ -181,7 +181,6 @@ def slow_reference(row: str, model, pairs, graph, steps: int, result, acdc_check
     """Max |difference| between ``result`` and circuitkd's slow reference for ``row``
     (``None`` where the method has no slow form)."""
     import circuitkd.circuits as C
-    from circuitkd.circuits import acdc as acdc_module
     from circuitkd.metrics import logit_diff
     from circuits import naive_eap
 
@@ -195,8 +194,7 @@ def slow_reference(row: str, model, pairs, graph, steps: int, result, acdc_check
         # the plain algorithm: one candidate per forward through the hooked patched_forward
         picks = ACDC_THRESHOLDS[::max(1, len(ACDC_THRESHOLDS) // acdc_check)][:acdc_check]
         err = 0.0
-        acdc_module._NATIVE_RUNNER = False
-        try:
+        with C.hooked_only():
             for t in picks:
                 ref = C.acdc(model, pairs, metric=logit_diff, graph=graph, threshold=t, batch_size=n,
                              candidates_per_forward=1)
@@ -204,20 +202,12 @@ def slow_reference(row: str, model, pairs, graph, steps: int, result, acdc_check
                 if not torch.equal(got.mask, ref.mask):
                     return float("inf")
                 err = max(err, float((got.scores - ref.scores).abs().max()))
-        finally:
-            acdc_module._NATIVE_RUNNER = True
         return err
     params = inspect.signature(C.METHODS[row]).parameters
     if "steps_per_forward" in params:
-        # one step per forward through the hooked patched_forward (the native path turned off)
-        from circuitkd.circuits import native_gradients
-
-        native_gradients._NATIVE = False
-        try:
+        with C.hooked_only():  # one step per forward through the hooked patched_forward
             ref = C.METHODS[row](model, pairs, metric=logit_diff, graph=graph, batch_size=n, steps=steps,
                                  steps_per_forward=1).scores
-        finally:
-            native_gradients._NATIVE = True
         return float((result - ref).abs().max())
     return None
 

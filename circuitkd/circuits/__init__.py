@@ -38,6 +38,7 @@ from circuitkd.circuits.faithfulness import MIB_FRACTIONS, FaithfulnessResult, f
 from circuitkd.circuits.forward import patched_forward, source_values
 from circuitkd.circuits.graph import Circuit, ComponentGraph
 from circuitkd.circuits.mask_gradient import mask_gradient_ig
+from circuitkd.circuits.paths import hooked_only
 from circuitkd.circuits import postln
 from circuitkd.circuits.postln import validate_post_ln
 from circuitkd.engine import check_pairs
@@ -140,5 +141,5 @@ __all__ = [
     "ComponentGraph", "Circuit", "METHODS", "register", "discover", "build_graph", "exact", "eap", "eap_ig",
     "eap_ig_activations", "clean_corrupted", "mask_gradient_ig",
     "acdc", "acdc_sweep", "faithfulness", "FaithfulnessResult", "MIB_FRACTIONS", "validate_post_ln", "patched_forward",
-    "source_values", "logit_diff", "compare_circuits", "CircuitComparison",
+    "source_values", "logit_diff", "compare_circuits", "CircuitComparison", "hooked_only",
 ]

@@ -25,16 +25,12 @@ import torch
 from circuitkd.circuits.base import batches
 from circuitkd.circuits.forward import NativeEdgeRunner, native_edge_supported, patched_forward
 from circuitkd.circuits.graph import Circuit, ComponentGraph
+from circuitkd.circuits.paths import native_allowed
 from circuitkd.errors import CircuitKDError
 from circuitkd.metrics import KLToClean, Metric, evaluate_metric
 from circuitkd.types import PromptPairs
 
 CRITERIA = ("kl", "metric")
-
-# Evaluate candidates with NativeEdgeRunner where the model supports it (the hooked patched_forward
-# otherwise); tests and the benchmark turn it off to compare with the hooked path.
-_NATIVE_RUNNER = True
-
 
 class _Logits:
     def __init__(self, logits):
@@ -54,7 +50,7 @@ class _Evaluator:
         # Native pre-LN models: run the masked forward on the weights directly, from the first layer
         # a copy ablates an edge into (same logits as patched_forward; see NativeEdgeRunner).
         self.runners = None
-        if _NATIVE_RUNNER and native_edge_supported(model, graph) and not pairs.clean.is_floating_point():
+        if native_allowed() and native_edge_supported(model, graph) and not pairs.clean.is_floating_point():
             from circuitkd.metrics import read_positions, readout
             self.runners = [NativeEdgeRunner(model, graph, bv.pairs.clean, bv.pairs.attention_mask, bv.clean,
                                              bv.replacement) for bv in self.batches]

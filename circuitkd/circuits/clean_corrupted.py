@@ -40,7 +40,7 @@ def clean_corrupted(model, pairs: PromptPairs, *, metric: Metric, graph: Compone
         grads = summed_reader_gradients(model, graph, bv, metric, bv.pairs.clean, norm_scales=bv.clean.norm_scales)
         grads = add_gradients(grads, summed_reader_gradients(model, graph, bv, metric, bv.pairs.corrupt,
                                                              norm_scales=bv.corrupt.norm_scales))
-        s = scores_from_gradients(graph, deltas, {k: v / 2 for k, v in grads.items()}, graph.n_heads)
+        s = scores_from_gradients(graph, deltas, {k: v / 2 for k, v in grads.items()})
         total = s if total is None else total + s
         n += len(bv.pairs)
     return Circuit(graph, (total / n).float(), method="clean-corrupted", info={"ablation": ablation, "n_pairs": n})

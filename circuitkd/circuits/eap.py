@@ -21,7 +21,7 @@ from circuitkd.types import Direction, PromptPairs
 
 
 
-def scores_from_gradients(graph: ComponentGraph, deltas: dict, grads: dict, n_heads: int) -> torch.Tensor:
+def scores_from_gradients(graph: ComponentGraph, deltas: dict, grads: dict) -> torch.Tensor:
     """Contract each reader group's source differences with its input gradients.
 
     ``deltas[group]``: ``[N pos S_before d]``; ``grads``: reader-input gradients keyed like
@@ -70,7 +70,7 @@ def eap(model, pairs: PromptPairs, *, metric: Metric, graph: ComponentGraph, abl
             base, base_vals, rep = bv.pairs.corrupt, bv.corrupt, bv.clean.outputs
         deltas = source_deltas(model, graph, bv, inputs=base, base=base_vals, replacement=rep)
         grads = summed_reader_gradients(model, graph, bv, metric, base, norm_scales=base_vals.norm_scales)
-        s = scores_from_gradients(graph, deltas, grads, graph.n_heads)
+        s = scores_from_gradients(graph, deltas, grads)
         total = s if total is None else total + s
         n += len(bv.pairs)
     return Circuit(graph, (total / n).float(), method="eap",

@@ -49,7 +49,7 @@ def eap_ig(model, pairs: PromptPairs, *, metric: Metric, graph: ComponentGraph, 
                                             embed_override=emb.reshape(K * B, *emb.shape[2:]))
             grad_sum = add_gradients(grad_sum, grads)
         grads = {k: v / steps for k, v in grad_sum.items()}
-        s = scores_from_gradients(graph, deltas, grads, graph.n_heads)
+        s = scores_from_gradients(graph, deltas, grads)
         total = s if total is None else total + s
         n += B
     return Circuit(graph, (total / n).float(), method="eap-ig",

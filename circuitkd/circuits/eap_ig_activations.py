@@ -144,7 +144,7 @@ def eap_ig_activations(model, pairs: PromptPairs, *, metric: Metric, graph: Comp
             grad_sum = _native_gradient_sum(model, graph, bv, metric, diffs, steps, steps_per_forward)
         else:
             grad_sum = _hooked_gradient_sum(model, graph, bv, metric, diffs, runs, steps_per_forward or steps)
-        s = scores_from_gradients(graph, deltas, {k: v / len(runs) for k, v in grad_sum.items()}, graph.n_heads)
+        s = scores_from_gradients(graph, deltas, {k: v / len(runs) for k, v in grad_sum.items()})
         total = s if total is None else total + s
         n += B
     return Circuit(graph, (total / n).float(), method="eap-ig-activations",

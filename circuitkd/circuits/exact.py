@@ -18,14 +18,10 @@ import torch
 from circuitkd.circuits.base import batches
 from circuitkd.circuits.forward import native_edge_supported
 from circuitkd.circuits.graph import Circuit, ComponentGraph
+from circuitkd.circuits.paths import native_allowed
 from circuitkd.errors import CircuitKDError
 from circuitkd.metrics import Metric, evaluate_metric
 from circuitkd.types import PromptPairs
-
-# Score edges with SingleEdgeRunner where the model supports it; tests and the benchmark turn it off
-# to compare with the hooked path.
-_NATIVE_RUNNER = True
-
 
 def exact(model, pairs: PromptPairs, *, metric: Metric, graph: ComponentGraph, ablation: str = "corrupt",
           batch_size: int = 32, edges_per_forward: Optional[int] = None,
@@ -45,7 +41,7 @@ def exact(model, pairs: PromptPairs, *, metric: Metric, graph: ComponentGraph, a
     cells = valid.flatten().nonzero().flatten()
     totals = torch.zeros(valid.numel(), dtype=torch.float64)
     clean_total, n = 0.0, 0
-    use_native = (_NATIVE_RUNNER and edges_per_forward != 1 and native_edge_supported(model, graph)
+    use_native = (native_allowed() and edges_per_forward != 1 and native_edge_supported(model, graph)
                   and not pairs.clean.is_floating_point())
     if not use_native:
         edges_per_forward = edges_per_forward or 8

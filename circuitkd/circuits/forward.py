@@ -35,6 +35,7 @@ from torch import Tensor
 
 from circuitkd import hooks
 from circuitkd.circuits.graph import HEAD_PORTS, ComponentGraph
+from circuitkd.circuits.paths import native_allowed
 from circuitkd.engine import forward as engine_forward
 from circuitkd.errors import CircuitKDError
 from circuitkd.hooks import Site
@@ -64,7 +65,7 @@ def source_values(model, graph: ComponentGraph, inputs: Tensor,
     (:class:`circuitkd.native.NativeExecutor`, equal to the bridge to float rounding); elsewhere
     through the bridge's hooks.
     """
-    if _NATIVE_SOURCES and not graph.post_ln and not inputs.is_floating_point():
+    if native_allowed() and not graph.post_ln and not inputs.is_floating_point():
         if native.supported(model):
             return _native_source_values(model, graph, inputs, attention_mask)
     store: dict = {}
@@ -97,8 +98,6 @@ def source_values(model, graph: ComponentGraph, inputs: Tensor,
     return SourceValues(torch.cat(parts, 2), logits.detach(), scales)
 
 
-# Record source values with the hook-free native forward where supported; tests turn it off to compare.
-_NATIVE_SOURCES = True
 
 
 def _native_source_values(model, graph: ComponentGraph, inputs: Tensor,

@@ -38,10 +38,8 @@ from torch import Tensor
 from circuitkd import native
 from circuitkd.circuits.base import BatchValues
 from circuitkd.circuits.graph import ComponentGraph
+from circuitkd.circuits.paths import native_allowed
 from circuitkd.metrics import Metric, evaluate_metric, read_positions, readout
-
-# Use the hook-free path where the model supports it; tests turn it off to compare with the hooked path.
-_NATIVE = True
 
 #: Rows x positions one native forward holds (copies of a batch are chunked to stay under it).
 TOKENS_PER_FORWARD = 1 << 15
@@ -53,9 +51,8 @@ MASK_TOKENS_PER_FORWARD = 1 << 12
 def supported(model, graph: ComponentGraph, inputs: Tensor, *, per_position: bool = True) -> bool:
     """Whether the native path reproduces the hooked one: a native pre-LN model (learned positions,
     plain MLP), an edge-level graph and token inputs (``per_position=False`` also refuses per-position graphs)."""
-    from circuitkd.native import supported as fast_path_supported
 
-    return (_NATIVE and graph.level == "edge" and not graph.post_ln and not inputs.is_floating_point()
+    return (native_allowed() and graph.level == "edge" and not graph.post_ln and not inputs.is_floating_point()
             and (per_position or not graph.per_position) and native.supported(model))
 
 

@@ -32,8 +32,8 @@ def test_native_exact_equals_hooked_one_edge_at_a_time(monkeypatch, kind, positi
     g = C.ComponentGraph.from_model(model)
     fast = C.exact(model, pairs, metric=C.logit_diff, graph=g, ablation=ablation, batch_size=4)
     chunked = C.exact(model, pairs, metric=C.logit_diff, graph=g, ablation=ablation, edges_per_forward=3)
-    monkeypatch.setattr(exact_module, "_NATIVE_RUNNER", False)
-    slow = C.exact(model, pairs, metric=C.logit_diff, graph=g, ablation=ablation, edges_per_forward=1)
+    with C.hooked_only():
+        slow = C.exact(model, pairs, metric=C.logit_diff, graph=g, ablation=ablation, edges_per_forward=1)
     torch.testing.assert_close(fast.scores, slow.scores, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(chunked.scores, slow.scores, atol=1e-5, rtol=1e-4)
     # every kind of reader (q, k, v of both layers, both MLPs, the output) carries real effects

@@ -179,14 +179,12 @@ def test_native_edge_runner_equals_patched_forward(kind, ablation):
 
 @pytest.mark.parametrize("criterion,threshold", [("kl", 1e-3), ("kl", 1e-2), ("metric", 1e-2)])
 def test_acdc_native_runner_equals_hooked_path(monkeypatch, criterion, threshold):
-    import importlib
-    acdc_module = importlib.import_module("circuitkd.circuits.acdc")  # the package's `acdc` is the function
     model = build("causal")
     pairs = text_pairs(position=7)  # read the last token: every edge can matter in the causal model
     g = C.ComponentGraph.from_model(model)
     fast = C.acdc(model, pairs, metric=C.logit_diff, graph=g, threshold=threshold, criterion=criterion)
-    monkeypatch.setattr(acdc_module, "_NATIVE_RUNNER", False)
-    slow = C.acdc(model, pairs, metric=C.logit_diff, graph=g, threshold=threshold, criterion=criterion)
+    with C.hooked_only():
+        slow = C.acdc(model, pairs, metric=C.logit_diff, graph=g, threshold=threshold, criterion=criterion)
     assert torch.equal(fast.mask, slow.mask)
     torch.testing.assert_close(fast.scores, slow.scores, atol=1e-5, rtol=1e-4)
     assert fast.info["forwards"] == slow.info["forwards"]

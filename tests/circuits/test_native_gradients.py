@@ -55,8 +55,8 @@ def test_native_fast_path_equals_hooked_path(monkeypatch, kind, position, method
     model, pairs, g = _setup(kind, position)
     fn = C.METHODS[method]
     fast = fn(model, pairs, metric=C.logit_diff, graph=g, batch_size=4, **options)
-    monkeypatch.setattr(NG, "_NATIVE", False)
-    slow = fn(model, pairs, metric=C.logit_diff, graph=g, batch_size=4, **options)
+    with C.hooked_only():
+        slow = fn(model, pairs, metric=C.logit_diff, graph=g, batch_size=4, **options)
     torch.testing.assert_close(fast.scores, slow.scores, atol=1e-5, rtol=1e-4)
     assert (slow.scores.abs() > 1e-4).sum() > g.n_edges // 3
 
@@ -70,3 +70,28 @@ def test_hooked_models_do_not_take_the_native_path():
     gp = C.ComponentGraph.from_model(causal, per_position=True, n_pos=8)
     assert NG.supported(causal, gp, text_pairs().clean)  # reader gradients do not depend on positions
     assert not NG.supported(causal, gp, text_pairs().clean, per_position=False)  # mask gradients do
+
+
+def test_hooked_only_switches_every_native_path_off_inside_its_block_only():
+    """The native-vs-hooked comparisons above mean something only if hooked_only() really takes the
+    hooked path: inside it no native path is chosen (reader gradients, source values, edge runners),
+    and outside it they are again."""
+    from circuitkd.circuits import forward as F_
+
+    torch.manual_seed(0)
+    causal = build_model(SPECS["causal"], device="cpu")
+    g = C.ComponentGraph.from_model(causal)
+    tokens = text_pairs().clean
+    calls = []
+    real = F_._native_source_values
+    F_._native_source_values = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        with C.hooked_only():
+            assert not NG.supported(causal, g, tokens)
+            F_.source_values(causal, g, tokens, None)
+        assert calls == []
+        assert NG.supported(causal, g, tokens)
+        F_.source_values(causal, g, tokens, None)
+        assert calls == [1]
+    finally:
+        F_._native_source_values = real
