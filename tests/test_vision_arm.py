@@ -73,6 +73,14 @@ def test_arms_side_by_side(vision_run, quick_run, tmp_path):
     assert "| target | nli | vision |" in md and "| finding | nli | vision |" in md
     assert "## Arm `nli` in full" in md and "## Arm `vision` in full" in md
     assert "`synthetic_nli`" in md and "`shortcut_mnist`" in md
+    # each arm's cell names its own threshold (the arms' targets differ: plain teacher OOD <= 0.70 vs <= 0.50)
+    plain_ood = next(line for line in md.splitlines() if line.startswith("| plain teacher OOD"))
+    import json
+
+    for arm, run_dir in (("nli", quick_run), ("vision", vision_run)):
+        t = next(t for t in json.loads((Path(run_dir) / "results.json").read_text())["summary"]["targets"]
+                 if t["name"] == "plain_teacher_ood_max")
+        assert f"{t['value']:.3f} (≤ {t['target']:.2f})" in plain_ood, (arm, plain_ood)
     assert "## Which heads carry each shortcut (arm `vision`)" in md and "color (flip lowers" in md
     page = write_report(out).read_text()
     assert "id='arm-nli'" in page and "id='arm-vision'" in page

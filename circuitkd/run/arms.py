@@ -76,9 +76,7 @@ def side_by_side(arms: dict[str, dict[str, Any]]) -> list[str]:
     if targets:
         body = []
         for name, per_arm in targets.items():
-            any_t = next(iter(per_arm.values()))
-            what = any_t["what"] if name == "debiased_teachers" else (
-                f"{any_t['what']} {'≤' if any_t['at_most'] else '≥'} {any_t['target']:.2f}")
+            what = next(iter(per_arm.values()))["what"]  # each arm has its own threshold: shown in its cell
             cells = []
             for a in names:
                 t = per_arm.get(a)
@@ -88,7 +86,8 @@ def side_by_side(arms: dict[str, dict[str, Any]]) -> list[str]:
                     cells.append(f"{t['value']} of {len(arms[a]['config']['methods'])} "
                                  f"({', '.join(t.get('methods') or []) or 'none'}){'' if t['ok'] else ' **missed**'}")
                 else:
-                    cells.append(f"{t['value']:.3f}{'' if t['ok'] else ' **missed**'}")
+                    cells.append(f"{t['value']:.3f} ({'≤' if t['at_most'] else '≥'} {t['target']:.2f})"
+                                 f"{'' if t['ok'] else ' **missed**'}")
             body.append([what, *cells])
         out += ["## Targets", "", _table(["target", *names], body), ""]
 
