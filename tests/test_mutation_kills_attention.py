@@ -28,3 +28,15 @@ def test_linear_cka_is_one_for_identical_small_representations():
     x = torch.randn(20, 4, generator=torch.Generator().manual_seed(1)) * 1e-3
     assert abs(linear_cka(x, x) - 1.0) < 1e-5
     assert abs(linear_cka(x, 3.0 * x) - 1.0) < 1e-5
+
+
+def test_diff_attention_uses_n_examples_and_records_its_settings():
+    """Kills: diff_attention ignoring ``n`` (every example of the split), and saving the similarity
+    measure under another key."""
+    from circuitkd.attention import diff_attention
+    from tests.test_attention import nli_like_task, tiny
+
+    task, model = nli_like_task(8), tiny(n_layers=1, n_heads=2)
+    diff = diff_attention(model, model, task, n=3, confirm="none", similarity="corr")
+    assert len(task.split("ood_test")) > 3 and diff.info["n"] == 3
+    assert diff.info["similarity"] == "corr" and diff.info["cka_positions"] == "all"
