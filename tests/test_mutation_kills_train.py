@@ -154,6 +154,21 @@ def test_a_checkpointed_stage_saves_partial_checkpoints_and_a_complete_final_one
     assert not partial_dir(tmp_path / "student").exists()
     kept = distill_mod.distill(teacher, SPEC, task, cfg=CFG.replace(checkpoint_every=7), checkpoint=tmp_path / "s2")
     assert kept.circuitkd_train["train_cfg"]["checkpoint_every"] == 7
+    # a stage long enough to write partial checkpoints removes them once its final checkpoint is saved
+    seen = []
+    real_loop = distill_mod.train_loop
+
+    def spy(*args, **kwargs):
+        out = real_loop(*args, **kwargs)
+        seen.append(Path(kwargs["resume_dir"]).exists())
+        return out
+
+    distill_mod.train_loop = spy
+    try:
+        distill_mod.distill(teacher, SPEC, task, cfg=CFG.replace(checkpoint_every=1), checkpoint=tmp_path / "s3")
+    finally:
+        distill_mod.train_loop = real_loop
+    assert seen == [True] and not partial_dir(tmp_path / "s3").exists()
 
 
 def test_augmentation_adds_the_examples_it_names_drawn_with_the_seed(monkeypatch):
