@@ -1,6 +1,7 @@
 """Node-level activation patching over sites of one model, or from a teacher into a student."""
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -200,6 +201,8 @@ def cross_patch(teacher, student, pairs: PromptPairs, site: str = "head", metric
     ``(m - m_student) / (m_teacher - m_student)``: 1 means the component carries the whole
     teacher-student difference. Other arguments as :func:`patch_result`.
     """
-    options = {"direction": Direction.DENOISE, "normalise": True, "batch_size": 64, "method": "auto", "layers": None,
-               "heads": None, "positions": None, "copies_per_forward": None, **options}
+    # patch_result's keyword defaults, read off its signature rather than restated here
+    defaults = {name: p.default for name, p in inspect.signature(patch_result).parameters.items()
+                if p.kind is p.KEYWORD_ONLY}
+    options = {**defaults, **options}
     return _patch(student, pairs, site, metric, source_model=teacher, layer_map=layer_map, **options)
