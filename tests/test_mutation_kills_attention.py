@@ -40,3 +40,53 @@ def test_diff_attention_uses_n_examples_and_records_its_settings():
     diff = diff_attention(model, model, task, n=3, confirm="none", similarity="corr")
     assert len(task.split("ood_test")) > 3 and diff.info["n"] == 3
     assert diff.info["similarity"] == "corr" and diff.info["cka_positions"] == "all"
+
+
+def _accumulate(real, *, alignment=False, premise=None, hypothesis=None, tokens=None, seed=2):
+    """One padded batch through the statistics accumulator; returns the patterns and the result."""
+    from circuitkd.attention.statistics import _HeadStats
+
+    b, P = real.shape
+    g = torch.Generator().manual_seed(seed)
+    pattern = torch.softmax(torch.randn(b, 1, 2, P, P, generator=g, dtype=torch.float64), -1)
+    classes = torch.zeros(b, 1, P, dtype=torch.bool)
+    classes[:, 0, 0] = True
+    acc = _HeadStats(1, 2, ["cls"], causal=False, alignment=alignment, tokens=tokens is not None)
+    acc.update(pattern, real.double(), torch.zeros(b, dtype=torch.long), classes, tokens, premise, hypothesis)
+    return pattern, acc.result(("cls",), None, "native")
+
+
+def test_positional_scores_count_examples_with_a_single_real_pair():
+    """Kills: examples whose padding leaves exactly one (i-1, i) pair of real positions dropped from
+    the previous/next-token means (``cnt > 1`` for ``cnt > 0``). Hand means over examples of each
+    example's mean over its real pairs; an example with one real position has no pair and no say."""
+    real = torch.tensor([[1, 1, 0, 0, 0],  # one real pair: (0, 1)
+                         [1, 1, 1, 1, 0],  # three: (0, 1), (1, 2), (2, 3)
+                         [1, 0, 0, 0, 0]])  # none: left out of both means
+    pattern, stats = _accumulate(real)
+    p = pattern[:, 0]  # [b head q k]
+    prev = (p[0, :, 1, 0] + (p[1, :, 1, 0] + p[1, :, 2, 1] + p[1, :, 3, 2]) / 3) / 2
+    nxt = (p[0, :, 0, 1] + (p[1, :, 0, 1] + p[1, :, 1, 2] + p[1, :, 2, 3]) / 3) / 2
+    torch.testing.assert_close(stats.prev_token[0], prev.float(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(stats.next_token[0], nxt.float(), atol=1e-6, rtol=0)
+
+
+def test_alignment_is_scored_only_when_the_accumulator_keeps_it_and_both_classes_are_given():
+    """Kills: ``and`` -> ``or`` in the alignment guard of ``_HeadStats.update``. The public entry point
+    passes premise/hypothesis masks exactly when the accumulator was built for alignment, so this pins
+    the accumulator's own contract: premise/hypothesis given to one built without alignment are ignored,
+    one built with alignment but given no masks skips the score, and given both it is the hand mean."""
+    real = torch.ones(2, 4)
+    tokens = torch.tensor([[5, 6, 5, 7], [8, 9, 9, 8]])
+    premise = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    hypothesis = ~premise
+    _, without = _accumulate(real, tokens=tokens, premise=premise, hypothesis=hypothesis)
+    assert without.alignment is None
+    _, no_masks = _accumulate(real, tokens=tokens, alignment=True)
+    assert no_masks.alignment is not None and torch.isnan(no_masks.alignment).all()
+    pattern, kept = _accumulate(real, tokens=tokens, alignment=True, premise=premise, hypothesis=hypothesis)
+    p = pattern[:, 0]
+    # ex 0: hypothesis token 2 (id 5) matches premise 0; token 3 (id 7) has no match.
+    # ex 1: token 2 (id 9) matches premise 1, token 3 (id 8) matches premise 0.
+    want = (p[0, :, 2, 0] + (p[1, :, 2, 1] + p[1, :, 3, 0]) / 2) / 2
+    torch.testing.assert_close(kept.alignment[0], want.float(), atol=1e-6, rtol=0)
