@@ -47,6 +47,7 @@ class _Evaluator:
                                     mean_values=mean_values))
         self.n = len(pairs)
         self.forwards = 0
+        self.caches = None  # per batch: the native runner's start cache of the sweep's states (try_removal)
         # Native pre-LN models: run the masked forward on the weights directly, from the first layer
         # a copy ablates an edge into (same logits as patched_forward; see NativeEdgeRunner).
         self.runners = None
@@ -84,6 +85,50 @@ class _Evaluator:
             total += value.double().view(K, B).sum(1).cpu()
             self.forwards += 1
         return total / self.n
+
+
+    def try_removal(self, keep: torch.Tensor, cell: tuple) -> torch.Tensor:
+        """The criterion of each state in ``keep`` (``[K *graph.shape]``) with ``cell`` removed.
+
+        On the native runner, when ``cell``'s reader is a head, every state's head inputs and outputs at
+        that layer are cached (:meth:`NativeEdgeRunner.start_cache`) and only the one reader and its head
+        are recomputed; :meth:`commit` carries the cache over to the next list of states.
+        """
+        trials = keep.clone()
+        trials[(slice(None),) + tuple(cell)] = False
+        layer = int(self.runners[0].reader_layer[cell[1]]) if self.runners is not None and len(cell) == 2 else None
+        if layer is None or layer >= self.graph.n_layers or cell[1] not in range(
+                *self.graph.reader_slice("head", layer).indices(self.graph.n_readers)):
+            self.caches = None  # the output and MLP readers: a plain evaluation (and the next head rebuilds)
+            return self(trials)
+        K = keep.shape[0]
+        total = torch.zeros(K, dtype=torch.float64)
+        states_w = (~keep).float()
+        if self.caches is None or self.caches[0]["layer"] != layer:
+            self.caches = [runner.start_cache(states_w.to(bv.replacement.device), layer, rp)
+                           for runner, bv, rp in zip(self.runners, self.batches, self.read_pos)]
+        w = (~trials).float()
+        for i, bv in enumerate(self.batches):
+            B = len(bv.pairs)
+            logits = self.runners[i].logits(w.to(bv.replacement.device), self.read_pos[i], cache=self.caches[i],
+                                            reader=int(cell[1]))
+            big = bv.pairs.repeat(K)
+            if self.criterion == "kl":
+                value = evaluate_metric(KLToClean(), logits, big, self.clean_read[i])
+            else:
+                value = -evaluate_metric(self.metric, logits, big, self.clean_read[i])
+            total += value.double().view(K, B).sum(1).cpu()
+        self.forwards += 1
+        return total / self.n
+
+    def commit(self, picks: list[tuple[int, bool]]) -> None:
+        """The states after a :meth:`try_removal`: state ``j`` is old state ``picks[j][0]``, with the tried
+        removal where ``picks[j][1]``."""
+        if self.caches is None:
+            return
+        if all(not t for _, t in picks) and [k for k, _ in picks] == list(range(len(picks))):
+            return
+        self.caches = [runner.commit_cache(c, picks) for runner, c in zip(self.runners, self.caches)]
 
 
 def _candidate_groups(graph: ComponentGraph, valid: torch.Tensor) -> list[list[tuple]]:
@@ -175,10 +220,9 @@ def acdc_sweep(model, pairs: PromptPairs, *, metric: Metric, graph: ComponentGra
     states = [[valid.clone(), torch.zeros(graph.shape), start, list(range(len(thresholds)))]]
     for cand in _candidate_groups(graph, valid):
         for cell in cand:
-            trials = torch.stack([st[0] for st in states])
-            trials[(slice(None),) + tuple(cell)] = False
-            values = evaluate(trials)
-            for st, value in zip(list(states), values.tolist()):
+            values = evaluate.try_removal(torch.stack([st[0] for st in states]), cell)
+            picks = [(k, False) for k in range(len(states))]  # which old state (and trial) each state now is
+            for k, (st, value) in enumerate(zip(list(states), values.tolist())):
                 damage = value - st[2]
                 st[1][cell] = damage
                 removed = [i for i in st[3] if damage < thresholds[i]]
@@ -188,8 +232,12 @@ def acdc_sweep(model, pairs: PromptPairs, *, metric: Metric, graph: ComponentGra
                     st[3] = [i for i in st[3] if i not in removed]
                     st = [st[0].clone(), st[1].clone(), st[2], removed]
                     states.append(st)
+                    picks.append((k, True))
+                else:
+                    picks[k] = (k, True)
                 st[0][cell] = False
                 st[2] = value
+            evaluate.commit(picks)
     out: list[Optional[Circuit]] = [None] * len(thresholds)
     for keep, scores, current, members in states:
         for i in members:

@@ -511,13 +511,44 @@ class NativeEdgeRunner:
         sigma = torch.sqrt(sq.clamp_min(0) / self.d + sh["eps"])
         return (proj / sigma).view(R, K * B, P, -1) + sh["c"]
 
+    def _one_reader(self, ablate: Tensor, layer: int, r: int, K: int) -> Tensor:
+        """``[K*B P e]``: :meth:`_shared_qkv` for the single reader ``r`` (head-major index within ``layer``)."""
+        sh, B, P = self.layers[layer], self.B, self.P
+        w = ablate[:, :sh["S"], self.g.reader_slice("head", layer).start + r].to(self.D0.dtype)  # [K S]
+        U = torch.cat([torch.ones_like(w[:, :1]), w], 1)  # [K J]
+        J = U.shape[1]
+        proj = torch.matmul(U, sh["P"][r]).view(K, B * P, -1)
+        sq = torch.matmul((U[:, :, None] * U[:, None, :]).reshape(K, J * J), sh["G"]).view(K, B * P, 1)
+        sigma = torch.sqrt(sq.clamp_min(0) / self.d + sh["eps"])
+        return (proj / sigma).view(K * B, P, -1) + sh["c"][r]
+
     @torch.no_grad()
-    def logits(self, ablate: Tensor, read_pos: Optional[Tensor] = None) -> Tensor:
+    def start_cache(self, ablate: Tensor, layer: int, read_pos: Optional[Tensor] = None) -> dict:
+        """The head inputs and outputs at ``layer`` of the ``K`` copies in ``ablate`` (no copy may ablate an
+        edge into an earlier layer): ``qkv`` ``[head 3 K*B pos e]`` and ``heads`` ``[head K*B*pos' d_model]``
+        (``pos' = 1`` in the last layer with ``read_pos``). :meth:`logits` with ``cache=`` reuses them for
+        copies that differ from these only in edges into one reader of ``layer``."""
+        if self.start_layer(ablate) < layer:
+            raise CircuitKDError("a start cache needs every ablated edge at or after its layer")
+        store: dict = {}
+        self.logits(ablate, read_pos, start=layer, capture=store)
+        return store
+
+    @torch.no_grad()
+    def logits(self, ablate: Tensor, read_pos: Optional[Tensor] = None, *, cache: Optional[dict] = None,
+               reader: Optional[int] = None, start: Optional[int] = None,
+               capture: Optional[dict] = None) -> Tensor:
         """Logits ``[K*B pos vocab]`` (copy-major) for ``ablate`` ``[K source reader]`` (no gradients).
 
         With ``read_pos`` (``Int[batch]``) only each example's read position is computed in the last
         layer (its query, its attention row, its output; keys and values still at every position)
         and ``[K*B vocab]`` logits there are returned.
+
+        With ``cache`` (:meth:`start_cache` of ``K`` copies at ``cache["layer"]``) and ``reader`` (a graph
+        reader index of that layer), copy ``k`` of ``ablate`` must differ from cached copy ``k`` only in edges
+        into ``reader``: the run starts at that layer, recomputes that one reader's projection and its head,
+        and takes every other head from the cache. The recomputed ``proj`` ``[K*B pos e]`` and head ``out``
+        are left in ``self.trial`` for :meth:`commit_cache`.
         """
         g, ex = self.g, self.ex
         K, B, P, d, H = ablate.shape[0], self.B, self.P, self.d, g.n_heads
@@ -526,7 +557,10 @@ class NativeEdgeRunner:
 
         def at_read(t: Tensor, lead: int) -> Tensor:  # [*lead, B*P*d] or [*lead, B, P, d] -> [*lead, B*d]
             return t.reshape(*t.shape[:lead], B, P, d)[(slice(None),) * lead + (ar, read_pos)].flatten(lead)
-        L0 = self.start_layer(ablate)
+        if cache is not None:
+            start = cache["layer"]
+        L0 = self.start_layer(ablate) if start is None else start
+        only = None  # the one head recomputed from a cache
         S0 = g.n_sources_before("head", L0) if L0 < g.n_layers else g.n_sources
         x = self.streams[L0][None].expand(K, B, P, d)
         Dk = None  # [K s B*P*d]: differences of the sources at or after the start layer
@@ -535,23 +569,54 @@ class NativeEdgeRunner:
             blocked = blocked.repeat(1, K, 1, 1)
         for layer in range(L0, g.n_layers):
             p, wts = ex.layers[layer], self.layers[layer]
-            if layer == L0:
+            if layer == L0 and cache is not None:
+                r = reader - g.reader_slice("head", layer).start
+                only, port = divmod(r, 3)
+                proj = self._one_reader(ablate, layer, r, K)
+                qkv = cache["qkv"][only].clone()
+                qkv[port] = proj
+                qkv = qkv[None]  # [1 3 K*B P e]
+            elif layer == L0:
                 qkv = self._shared_qkv(ablate, layer, K).view(H, 3, K * B, P, -1)
             else:
-                # readers no copy ablates an edge into read the stream itself: project LN(x) once for them
                 rs = g.reader_slice("head", layer)
-                W, b = wts["W"].flatten(0, 1), wts["b"].flatten(0, 1)[:, None]  # [R d e], [R 1 e]
-                qkv = torch.matmul(ex.ln(x.reshape(K, 1, B * P, d), p["ln1"]), W) + b  # [K R BP e]
-                idx = ((ablate[:, :wts["S"], rs] != 0).flatten(0, 1).any(0)).nonzero().flatten()
-                if idx.numel():
-                    delta = self._delta(ablate, Dk, S0, rs.start + idx, wts["S"])
-                    inp = ex.ln(x.reshape(K, 1, B * P, d) + delta.view(K, -1, B * P, d), p["ln1"])
-                    qkv[:, idx] = torch.matmul(inp, W[idx]) + b[idx]
-                qkv = qkv.view(K, H, 3, B * P, -1).permute(1, 2, 0, 3, 4).reshape(H, 3, K * B, P, -1)
-            q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # [H N P e]
+                hit = (ablate[:, :wts["S"], rs] != 0).flatten(0, 1).any(0)  # [R]: readers some copy ablates into
+
+                def project(readers: list[int], xs: Tensor, D0s: Tensor, Dks: Optional[Tensor], n: int) -> Tensor:
+                    """``[K len(readers) n e]``: the readers' projections over ``n`` positions per copy; readers no
+                    copy ablates an edge into read the stream itself and share one LN(x)."""
+                    out = xs.new_empty(K, len(readers), n, wts["W"].shape[-1])
+                    W, b = wts["W"].flatten(0, 1), wts["b"].flatten(0, 1)[:, None]  # [R d e], [R 1 e]
+                    plain = [j for j, r in enumerate(readers) if not hit[r]]
+                    if plain:
+                        rr = [readers[j] for j in plain]
+                        out[:, plain] = torch.matmul(ex.ln(xs.reshape(K, 1, n, d), p["ln1"]), W[rr]) + b[rr]
+                    mixed = [j for j, r in enumerate(readers) if hit[r]]
+                    if mixed:
+                        rr = [readers[j] for j in mixed]
+                        delta = self._delta(ablate, Dks, S0, [rs.start + r for r in rr], wts["S"], D0s)
+                        inp = ex.ln(xs.reshape(K, 1, n, d) + delta.view(K, -1, n, d), p["ln1"])
+                        out[:, mixed] = torch.matmul(inp, W[rr]) + b[rr]
+                    return out
+
+                if read_pos is not None and layer == g.n_layers - 1:
+                    # last layer: only the read positions' queries reach the output
+                    qr = project([3 * h for h in range(H)], at_read(x, 1), at_read(D0, 1),
+                                 at_read(Dk, 2) if Dk is not None else None, B)  # [K H B e]
+                    kv = project([3 * h + i for h in range(H) for i in (1, 2)], x, D0, Dk, B * P)
+                    kv = kv.view(K, H, 2, B * P, -1).permute(1, 2, 0, 3, 4).reshape(H, 2, K * B, P, -1)
+                    qkv = (qr.transpose(0, 1).reshape(H, K * B, 1, -1), kv[:, 0], kv[:, 1])
+                else:
+                    qkv = project(list(range(3 * H)), x, D0, Dk, B * P)
+                    qkv = qkv.view(K, H, 3, B * P, -1).permute(1, 2, 0, 3, 4).reshape(H, 3, K * B, P, -1)
+            if capture is not None and layer == L0:
+                capture.update(layer=layer, qkv=qkv)
+            q_read = isinstance(qkv, tuple)  # queries already at the read positions
+            q, k, v = qkv if q_read else (qkv[:, 0], qkv[:, 1], qkv[:, 2])  # [H N P e]
             if read_pos is not None and layer == g.n_layers - 1:
                 # last layer: from here on only the read positions (P -> 1) reach the output
-                q = q.reshape(H, K, B, P, -1)[:, :, ar, read_pos].reshape(H, K * B, 1, -1)
+                if not q_read:
+                    q = q.reshape(q.shape[0], K, B, P, -1)[:, :, ar, read_pos].reshape(q.shape[0], K * B, 1, -1)
                 rows = self.blocked.expand(1, B, P, P)[0, ar, read_pos][None, :, None]  # [1 B 1 P]
                 blocked = rows.repeat(1, K, 1, 1) if K > 1 else rows
                 x, D0, rep = at_read(x, 1).view(K, B, 1, d), at_read(D0, 1), at_read(rep, 1)
@@ -559,7 +624,16 @@ class NativeEdgeRunner:
                 P = 1
             pattern = masked_softmax(torch.matmul(q, k.transpose(-1, -2)) / ex.scale, blocked)
             z = torch.matmul(pattern, v)  # [H N P e]
-            heads = torch.matmul(z.reshape(H, K * B * P, -1), wts["W_O"])  # [H N*P d]
+            if layer == L0 and only is not None:
+                out = torch.matmul(z.reshape(K * B * P, -1), wts["W_O"][only])  # [N*P d]
+                self.trial = {"proj": proj, "out": out, "head": only, "port": port}
+                heads = cache["heads"].clone()
+                heads[only] = out
+            else:
+                heads = torch.matmul(z.reshape(H, K * B * P, -1), wts["W_O"])  # [H N*P d]
+            if capture is not None and layer == L0:
+                capture["heads"] = heads
+                return heads
             mid = x + (heads.sum(0) + wts["b_O"]).view(K, B, P, d)
             hs = g.source_slice("head", layer)
             diff = (rep[hs].reshape(H, 1, B * P * d) - heads.view(H, K, B * P * d)).transpose(0, 1)
@@ -581,3 +655,32 @@ class NativeEdgeRunner:
         if read_pos is not None:
             return ex.logits(final).reshape(K * B, -1)
         return ex.logits(final).reshape(K * B, P, -1)
+
+    def commit_cache(self, cache: dict, picks: list[tuple[int, bool]]) -> dict:
+        """The start cache of a new list of copies: copy ``j`` is cached copy ``picks[j][0]``, with the
+        last :meth:`logits` call's recomputed reader and head (``self.trial``) where ``picks[j][1]``
+        (the cache's tensors are updated in place where the copies keep their order)."""
+        B, K = self.B, cache["qkv"].shape[2] // self.B
+        order = [k for k, _ in picks]
+        if order[:K] == list(range(K)):  # the old copies in place, new ones appended
+            extra = torch.tensor(order[K:], dtype=torch.long)
+            qkv, heads = cache["qkv"], cache["heads"]
+            if len(extra):
+                qkv = torch.cat([qkv, qkv.unflatten(2, (K, B))[:, :, extra].flatten(2, 3)], 2)
+                heads = torch.cat([heads, heads.unflatten(1, (K, -1))[:, extra].flatten(1, 2)], 1)
+        else:
+            src = torch.tensor(order)
+            qkv = cache["qkv"].unflatten(2, (K, B))[:, :, src].flatten(2, 3)
+            heads = cache["heads"].unflatten(1, (K, -1))[:, src].flatten(1, 2)
+        taken = [j for j, (_, t) in enumerate(picks) if t]
+        if taken:
+            tr = self.trial
+            rows = torch.tensor([picks[j][0] for j in taken])
+            dst = torch.tensor(taken)
+            qkv = qkv.unflatten(2, (len(picks), B))
+            qkv[tr["head"], tr["port"], dst] = tr["proj"].unflatten(0, (K, B))[rows]
+            qkv = qkv.flatten(2, 3)
+            heads = heads.unflatten(1, (len(picks), -1))
+            heads[tr["head"], dst] = tr["out"].unflatten(0, (K, -1))[rows]
+            heads = heads.flatten(1, 2)
+        return {"layer": cache["layer"], "qkv": qkv, "heads": heads}
