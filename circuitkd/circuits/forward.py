@@ -594,8 +594,13 @@ class NativeEdgeRunner:
                     mixed = [j for j, r in enumerate(readers) if hit[r]]
                     if mixed:
                         rr = [readers[j] for j in mixed]
-                        delta = self._delta(ablate, Dks, S0, [rs.start + r for r in rr], wts["S"], D0s)
-                        inp = ex.ln(xs.reshape(K, 1, n, d) + delta.view(K, -1, n, d), p["ln1"])
+                        # x + sum_s w_s D_s for every (copy, reader) as one matmul over the stacked stream
+                        # and differences [K J n*d] (J = 1 + sources before this layer)
+                        wT = ablate[:, :wts["S"], [rs.start + r for r in rr]].to(xs.dtype).transpose(1, 2)
+                        U = torch.cat([torch.ones_like(wT[:, :, :1]), wT], 2)  # [K n_mixed J]
+                        parts = [xs.reshape(K, 1, n * d), D0s[:S0].reshape(1, S0, n * d).expand(K, -1, -1)]
+                        Y = torch.cat(parts + ([Dks] if Dks is not None else []), 1)
+                        inp = ex.ln(torch.matmul(U, Y).view(K, -1, n, d), p["ln1"])
                         out[:, mixed] = torch.matmul(inp, W[rr]) + b[rr]
                     return out
 
