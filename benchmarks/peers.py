@@ -24,9 +24,12 @@ and EAP, exact and mask-gradient IG also against auto-circuit's scores. GFLOP/s 
 circuitkd method executed (``torch.utils.flop_counter``) over its time, beside the best
 ``torch.matmul`` rate of the model's shapes measured in this run. ``--memory`` adds each
 method's peak resident memory as the prompts grow 128 -> 1,024 (fresh process per point) and
-the least-squares slope, with a fixed batch (``--memory-batch``, 128 pairs): methods that reduce
-as they stream stay flat; ACDC keeps every batch's clean and corrupt caches for its many
-evaluations, so it grows.
+the least-squares slope, with a fixed batch (``--memory-batch``, 128 pairs), once with glibc's
+default allocator and once with its mmap threshold fixed (``MALLOC_MMAP_THRESHOLD_``: the default
+raises the threshold as large blocks are freed, and the heap those tensors then come from fragments
+and grows with the number of batches although nothing is kept): methods that reduce as they
+stream stay flat in the second column; ACDC keeps every batch's clean and corrupt caches for its
+many evaluations, so it grows.
 """
 from __future__ import annotations
 
@@ -229,20 +232,32 @@ def memory_point(row: str, n: int, steps: int, batch_size: int) -> float:
     return peak_rss_growth_mb(circuitkd_fn(row, model, pairs, graph, steps, batch_size))
 
 
+#: glibc's allocator raises its mmap threshold each time a large block is freed, after which large tensors
+#: come from the heap, which fragments and is not returned: peak RSS then grows with the number of batches
+#: even when nothing is kept. Fixing the threshold (this environment variable) turns that off, so the second
+#: column measures what the method itself holds.
+FIXED_MMAP = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
 def memory_table(rows: list[str], ns: list[int], steps: int, threads: int, batch_size: int) -> None:
     print(f"\npeak resident memory added by each circuitkd method as the prompts grow (MB; batches of "
-          f"{batch_size} pairs; fresh process per point, {threads} thread)")
-    print(f"{'method':<24}" + "".join(f"{n:>9}" for n in ns) + "   slope (MB per 1,000 prompts)")
+          f"{batch_size} pairs; fresh process per point, {threads} thread); each point with glibc's default "
+          f"allocator / with its mmap threshold fixed at {FIXED_MMAP['MALLOC_MMAP_THRESHOLD_']} bytes")
+    print(f"{'method':<24}" + "".join(f"{n:>16}" for n in ns) + "   slope (MB per 1,000 prompts) default / fixed")
     for row in rows:
-        vals = []
+        vals = {False: [], True: []}
         for n in ns:
-            out = subprocess.run([sys.executable, __file__, "--_memory", row, "--n", str(n), "--steps", str(steps),
-                                  "--threads", str(threads), "--memory-batch", str(batch_size)],
-                                 capture_output=True, text=True)
-            if out.returncode != 0:
-                raise SystemExit(out.stderr[-3000:])
-            vals.append(float(out.stdout.strip().splitlines()[-1]))
-        print(f"{row:<24}" + "".join(f"{v:>9.1f}" for v in vals) + f"   {slope_per_1k(ns, vals):+.1f}")
+            for fixed in (False, True):
+                env = dict(os.environ, **FIXED_MMAP) if fixed else {k: v for k, v in os.environ.items()
+                                                                   if k not in FIXED_MMAP}
+                out = subprocess.run([sys.executable, __file__, "--_memory", row, "--n", str(n), "--steps",
+                                      str(steps), "--threads", str(threads), "--memory-batch", str(batch_size)],
+                                     capture_output=True, text=True, env=env)
+                if out.returncode != 0:
+                    raise SystemExit(out.stderr[-3000:])
+                vals[fixed].append(float(out.stdout.strip().splitlines()[-1]))
+        cells = "".join(f"{f'{a:.1f} / {b:.1f}':>16}" for a, b in zip(vals[False], vals[True]))
+        print(f"{row:<24}{cells}   {slope_per_1k(ns, vals[False]):+.1f} / {slope_per_1k(ns, vals[True]):+.1f}")
 
 
 def main() -> None:
