@@ -122,12 +122,14 @@ class NativeGradients:
         ex, w = self.ex, self.layers[layer]
         n = x.shape[0]
         qkv = F.linear(ex.ln(x, ex.layers[layer]["ln1"]), w["weight"], w["bias"]).view(n, self.P, 3, ex.H, ex.dh)
-        q, blocked = qkv[:, :, 0], self._blocked(n)
+        # unbind, not three slices: its backward stacks the three gradients instead of zero-filling and
+        # adding three full-size [n P 3 H e] tensors
+        (q, k, v), blocked = qkv.unbind(2), self._blocked(n)
         if rows is not None:
             ar = torch.arange(n, device=x.device)
             q = q[ar, rows][:, None]
             blocked = blocked.expand(n, 1, self.P, self.P)[ar, 0, rows][:, None, None]  # [n 1 1 P]
-        z, _ = ex.attend(q, qkv[:, :, 1], qkv[:, :, 2], blocked)
+        z, _ = ex.attend(q, k, v, blocked)
         if heads:
             return qkv, z, torch.einsum("nphe,hed->nphd", z, ex.layers[layer]["W_O"])
         return qkv, z, ex.out(layer, z)
