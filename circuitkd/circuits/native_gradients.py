@@ -96,10 +96,12 @@ class NativeGradients:
             gamma, beta, _ = p["ln1"]
             W = weight.detach().view(3, H, e, d).transpose(-1, -2)  # [3 H d e]
             A = gamma.detach()[:, None] * W  # gamma folded in: LN's linear part then the projection
-            self.layers.append(dict(
-                weight=weight, bias=bias, A=A, u=A.sum(2) / d,  # u: [3 H e]
-                offset=(bias.detach().view(3, H, e) + torch.einsum("d,thde->the", beta.detach(), W)),
-            ))
+            u = A.sum(2) / d  # [3 H e]
+            offset = bias.detach().view(3, H, e) + torch.einsum("d,thde->the", beta.detach(), W)
+            eye = torch.eye(3 * H, dtype=u.dtype, device=u.device)
+            dots = torch.cat([(t.reshape(3 * H, e, 1) * eye[:, None, :]).reshape(3 * H * e, 3 * H)
+                              for t in (u, offset)], 1)  # [3He 2*3H]: block-diagonal u, then offset
+            self.layers.append(dict(weight=weight, bias=bias, A=A, u=u, offset=offset, dots=dots))
 
     # ------------------------------------------------------------------ forward
     def _ln_stats(self, y: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -222,11 +224,19 @@ class NativeGradients:
         K = n // B
         d = xhat.shape[-1]
         inv = 1.0 / sigma  # [n P 1]
-        dq = dqkv * inv[..., None, None]  # [n P 3 H e], scaled by 1/sigma
-        m1 = torch.einsum("npthe,the->npth", dq, w["u"])  # mean over d of gamma*(dq W^T)
-        m2 = (dq * (qkv.detach() - w["offset"])).sum(-1) / d  # mean over d of gamma*(dq W^T)*xhat
-        s1 = dq.reshape(K, B * P, -1).sum(0) if K > 1 else dq.reshape(B * P, -1)
-        out = torch.einsum("nthe,thde->nthd", s1.view(B * P, 3, -1, dq.shape[-1]), w["A"])
+        T, e = dqkv.shape[2] * dqkv.shape[3], dqkv.shape[4]
+        flat = dqkv.reshape(n * P, T, e)
+        invf = inv.reshape(n * P, 1)
+        # the per-reader dot products with u and offset as one GEMM on a block-diagonal [T*e 2T] matrix, and
+        # the one with qkv itself, so the [n P 3 H e] gradient is read a few times and never rescaled in full
+        dots = torch.matmul(flat.reshape(n * P, T * e), w["dots"])  # [nP 2T]
+        m1 = (dots[:, :T] * invf).view(n, P, 3, -1)  # mean over d of gamma*(dq W^T)
+        m2 = (((flat * qkv.detach().reshape(n * P, T, e)).sum(-1) - dots[:, T:]) * invf / d).view(n, P, 3, -1)
+        if K > 1:  # mean over d of gamma*(dq W^T)*xhat above; the sum over copies of dq / sigma here
+            s1 = (flat.view(K, B * P, T * e) * invf.view(K, B * P, 1)).sum(0)
+        else:
+            s1 = flat.reshape(B * P, T * e) * invf
+        out = torch.einsum("nthe,thde->nthd", s1.view(B * P, 3, -1, e), w["A"])
         if K > 1:
             m1s = m1.reshape(K, B * P, -1).sum(0)
             m3 = torch.bmm(m2.reshape(K, B * P, -1).transpose(0, 1).transpose(1, 2),
