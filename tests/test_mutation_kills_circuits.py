@@ -32,9 +32,9 @@ def test_node_effects_are_zero_when_clean_and_corrupt_agree():
     torch.testing.assert_close(torch.tensor(report["real"]), real)
 
 
-@pytest.mark.parametrize("method", ["eap-ig-activations", "mask-gradient-ig"])
+@pytest.mark.parametrize("method", ["eap-ig", "eap-ig-activations", "mask-gradient-ig"])
 def test_ig_circuits_record_their_steps(method):
-    """Kills: the circuit's info saving the number of integration steps under another key."""
+    """Kills: the circuit's info saving the number of integration steps or of pairs under another key."""
     circuit = ckd.discover(build("native"), text_pairs(), method=method, steps=3)
     assert circuit.info["steps"] == 3 and circuit.info["n_pairs"] == 6
 
@@ -193,3 +193,45 @@ def test_the_induction_model_is_trained_on_the_repeat_by_a_hand_written_loop():
     for name, value in model.state_dict().items():
         torch.testing.assert_close(trained.state_dict()[name], value, atol=1e-6, rtol=1e-5, msg=name)
     assert any(not torch.equal(v, untrained[k]) for k, v in model.state_dict().items())
+
+
+def test_discover_records_the_metric_and_a_graph_describes_itself():
+    """Kills: ``discover`` saving the metric's name under another key; ``ComponentGraph.describe``
+    writing a marker for models that have MLPs."""
+    circuit = ckd.discover(build("native"), text_pairs(), method="eap", metric="prob_diff", top_k=4)
+    assert circuit.info["metric"] == "prob_diff"
+    assert circuit.graph.describe() == "native graph, 2 layers x 2 heads, edge level"
+    attn_only = C.ComponentGraph.from_model(C.mechanisms.hand_induction_model(), per_position=True, n_pos=16,
+                                            level="node")
+    assert attn_only.describe() == "native graph, 2 layers x 2 heads, attention only, 16 positions, node level"
+
+
+def test_comparing_a_node_level_circuit_is_refused_saying_why():
+    """Kills: the refusal of node-level circuits in ``compare_circuits`` losing its message."""
+    from circuitkd.errors import CircuitKDError
+
+    model, pairs = build("native"), text_pairs()
+    edges = ckd.discover(model, pairs, method="eap", top_k=4)
+    nodes = C.acdc(model, pairs, metric=C.logit_diff, graph=C.ComponentGraph.from_model(model, level="node"))
+    for teacher, student in ((edges, nodes), (nodes, edges)):
+        with pytest.raises(CircuitKDError, match="^compare_circuits compares edge-level circuits; this one is node level$"):
+            ckd.compare_circuits(teacher, student)
+
+
+def test_acdc_sweep_keeps_an_edge_whose_damage_equals_the_threshold_as_acdc_does():
+    """Kills: the sweep removing an edge whose damage equals its threshold (``<=`` for ``<``). ACDC
+    removes an edge when the criterion moves by *less* than the threshold. On the hand-set induction
+    model, heads 0.1 and 1.1 are zero, so the edges out of and into them move the logit difference by
+    exactly 0: at threshold 0 ACDC keeps them, and every run of a sweep must agree with it."""
+    model, pairs = C.mechanisms.hand_induction_model(), C.mechanisms.induction_pairs(8)
+    graph = C.ComponentGraph.from_model(model)
+    thresholds = [0.0, 0.05]
+    sweep = C.acdc_sweep(model, pairs, metric=C.logit_diff, graph=graph, thresholds=thresholds, criterion="metric")
+    for t, got in zip(thresholds, sweep):
+        ref = C.acdc(model, pairs, metric=C.logit_diff, graph=graph, threshold=t, criterion="metric",
+                     candidates_per_forward=1)
+        assert torch.equal(got.mask, ref.mask), t
+        torch.testing.assert_close(got.scores, ref.scores, atol=1e-6, rtol=1e-5)
+    at_zero = sweep[0]
+    ties = (at_zero.scores == 0) & graph.valid
+    assert int(ties.sum()) >= 4 and bool(at_zero.mask[ties].all())  # the ties exist and stay in
