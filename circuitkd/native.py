@@ -12,7 +12,7 @@ Everything native in circuitkd runs on this one forward: training and class read
 pattern with its gradients), the patching fast path and the circuit edge runners
 (:meth:`NativeExecutor.run` keeps every activation; :func:`finish` resumes a patched residual
 stream from any layer, recomputing only what a patch can change). :func:`attend` is the one
-place native attention is computed.
+place native attention is computed (:func:`attend_heads` in head-major layout).
 """
 from __future__ import annotations
 
@@ -64,9 +64,27 @@ def blocked_mask(mask: Optional[Tensor], n_pos: int, causal: bool, device) -> Te
 def attend(q: Float[Tensor, "... dest_pos head d_head"], k: Float[Tensor, "... src_pos head d_head"],
            v: Float[Tensor, "... src_pos head d_head"], blocked: Tensor, scale: float
            ) -> tuple[Float[Tensor, "... dest_pos head d_head"], Float[Tensor, "... head dest_pos src_pos"]]:
-    """Softmax attention: ``(z, pattern)``. Rows with nothing to attend to get a zero pattern, as TL's."""
-    pattern = masked_softmax(torch.einsum("...qhd,...khd->...hqk", q, k) / scale, blocked)
-    return torch.einsum("...hqk,...khd->...qhd", pattern, v), pattern
+    """Softmax attention: ``(z, pattern)``. Rows with nothing to attend to get a zero pattern, as TL's.
+
+    Position-major layout (TransformerLens's); :func:`attend_heads` computes it head-major.
+    """
+    z, pattern = attend_heads(q.transpose(-2, -3), k.transpose(-2, -3), v.transpose(-2, -3), blocked, scale)
+    return z.transpose(-2, -3), pattern
+
+
+def attend_heads(q: Float[Tensor, "... head dest_pos d_head"], k: Float[Tensor, "... head src_pos d_head"],
+                 v: Float[Tensor, "... head src_pos d_head"], blocked: Tensor, scale: float
+                 ) -> tuple[Float[Tensor, "... head dest_pos d_head"], Float[Tensor, "... head dest_pos src_pos"]]:
+    """Softmax attention, head-major: ``(z, pattern)``; ``blocked`` broadcasts to the pattern's shape.
+
+    One query per head (a read-out row) takes broadcast products instead of matmuls with a
+    dimension of 1, whose batched backward is an outer product per head and several times slower.
+    """
+    if q.shape[-2] == 1:
+        pattern = masked_softmax((q * k).sum(-1).unsqueeze(-2) / scale, blocked)
+        return (pattern.transpose(-1, -2) * v).sum(-2, keepdim=True), pattern
+    pattern = masked_softmax(torch.matmul(q, k.transpose(-1, -2)) / scale, blocked)
+    return torch.matmul(pattern, v), pattern
 
 
 #: PyTorch's CPU softmax kernel is vectorised for rows of at least this many entries; shorter rows
@@ -196,22 +214,18 @@ class NativeExecutor:
             w = torch.cat([p["q"].weight, p["k"].weight, p["v"].weight])
             b = torch.cat([p["q"].bias, p["k"].bias, p["v"].bias])
             if i == self.L - 1 and patterns is None:
-                # One query per example: broadcast products instead of matmuls with a dimension of 1
-                # (whose batched backward is an outer product per head, several times slower).
                 k, v = F.linear(h, w[d:], b[d:]).view(B, P, 2, H, dh).unbind(2)  # [B, P, H, dh] each
                 q = F.linear(h[ar, read], w[:d], b[:d]).view(B, 1, H, dh)
-                rows = blocked.expand(B, -1, -1, -1)[ar, 0, read]  # [B, P]
-                scores = (q * k).sum(-1).transpose(1, 2) / self.scale  # [B, H, P]
-                pattern = masked_softmax(scores, rows[:, None])
-                z = (pattern.transpose(1, 2).unsqueeze(-1) * v).sum(1)  # [B, H, dh]
-                x = self.mlp(i, x[ar, read] + self.out(i, z))
+                rows = blocked.expand(B, -1, -1, -1)[ar, :, read].unsqueeze(-2)  # [B, 1, 1, P]
+                z, _ = attend(q, k, v, rows, self.scale)  # [B, 1, H, dh]
+                x = self.mlp(i, x[ar, read] + self.out(i, z[:, 0]))
                 return self._read_out(x)
             # unbind, not indexing: its backward stacks the three gradients instead of filling zeros thrice.
             q, k, v = F.linear(h, w, b).view(B, P, 3, H, dh).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, P, dh]
-            pattern = masked_softmax(torch.matmul(q, k.transpose(-1, -2)) / self.scale, blocked)
+            z, pattern = attend_heads(q, k, v, blocked, self.scale)
             if patterns is not None:
                 patterns.append(pattern)
-            z = torch.matmul(pattern, v).transpose(1, 2)  # [B, P, H, dh]
+            z = z.transpose(1, 2)  # [B, P, H, dh]
             x = self.mlp(i, x + self.out(i, z))
         return self._read_out(x[ar, read])
 
