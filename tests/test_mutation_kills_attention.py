@@ -90,3 +90,49 @@ def test_alignment_is_scored_only_when_the_accumulator_keeps_it_and_both_classes
     # ex 1: token 2 (id 9) matches premise 1, token 3 (id 8) matches premise 0.
     want = (p[0, :, 2, 0] + (p[1, :, 2, 1] + p[1, :, 3, 0]) / 2) / 2
     torch.testing.assert_close(kept.alignment[0], want.float(), atol=1e-6, rtol=0)
+
+
+def test_shortcut_heads_ablate_with_means_over_real_tokens_of_the_masked_run():
+    """Kills: ``shortcut_heads`` computing its mean-ablation values without the split's attention mask
+    (padding counted in the means and attended to). Reference by plain hooks on a padded NLI-like
+    split: each head's ``z`` averaged per position over the real tokens of the masked forward, then
+    written over that head on the bias-conflicting examples; the change of the mean logit difference
+    (gold label - the label the negation shortcut predicts) is each head's ablation effect."""
+    from circuitkd import attention as A
+    from tests.test_attention import nli_like_task, tiny
+
+    torch.manual_seed(0)
+    task, model = nli_like_task(16), tiny()
+    split = task.split("ood_test")
+    res = A.shortcut_heads(model, task, n=None, shortcut="negation", confirm="ablation", min_effect=0.0)
+
+    x, mask = split.inputs, split.attention_mask
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    names = [f"blocks.{layer}.attn.hook_z" for layer in range(L)]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(x, attention_mask=mask, names_filter=lambda n: n in names)
+    real = mask.double()[:, :, None, None]
+    means = [(cache[n].double() * real).sum(0) / real.sum(0).clamp_min(1) for n in names]  # [pos head d_head]
+    neg = split.bias_labels["negation"]
+    conflicting = (neg >= 0) & (neg != split.labels)
+    xc, mc, gold, blab = x[conflicting], mask[conflicting], split.labels[conflicting], neg[conflicting]
+    assert 0 < len(gold) < len(split) and bool((mask == 0).any())
+    rows = torch.arange(len(gold))
+
+    def logit_diff(hooks=()):
+        with torch.no_grad(), model.hooks(fwd_hooks=list(hooks)):
+            out = model(xc, attention_mask=mc)
+        out = out[:, 0] if out.dim() == 3 else out
+        return (out[rows, gold] - out[rows, blab]).double().mean()
+
+    base = logit_diff()
+    want = torch.zeros(L, H, dtype=torch.float64)
+    for layer in range(L):
+        for h in range(H):
+            def put(z, hook, layer=layer, h=h):
+                z = z.clone()
+                z[:, :, h] = means[layer][:, h].to(z.dtype)
+                return z
+            want[layer, h] = logit_diff([(names[layer], put)]) - base
+    assert want.abs().max() > 1e-3
+    torch.testing.assert_close(res.ablation_logit_diff.double(), want, atol=1e-5, rtol=1e-4)
