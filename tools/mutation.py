@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import ast
 import hashlib
+import importlib
 import json
 import os
 import re
@@ -225,6 +226,9 @@ def run_group(group: str, n: int, seed: int, max_children: int, only: list[str],
     started = time.monotonic()
     shutil.rmtree(base / group / "fresh", ignore_errors=True)  # its copy of the tests is made anew
     _generate(max_children)
+    # sys.path got mutants/ before the first generation made it: the import system cached "no such
+    # folder" for it, and the stats run's conftest then failed on `import tests` in a fresh work folder
+    importlib.invalidate_caches()
     every = _all_mutant_names()
     chosen = only or sample(list(every), n, seed)
     try:
