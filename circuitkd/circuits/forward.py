@@ -525,7 +525,7 @@ class NativeEdgeRunner:
     @torch.no_grad()
     def start_cache(self, ablate: Tensor, layer: int, read_pos: Optional[Tensor] = None) -> dict:
         """The head inputs and outputs at ``layer`` of the ``K`` copies in ``ablate`` (no copy may ablate an
-        edge into an earlier layer): ``qkv`` ``[head 3 K*B pos e]`` and ``heads`` ``[head K*B*pos' d_model]``
+        edge into an earlier layer): ``qkv`` ``[head 3 K*B pos e]`` and ``z`` ``[head K*B*pos' e]``
         (``pos' = 1`` in the last layer with ``read_pos``). :meth:`logits` with ``cache=`` reuses them for
         copies that differ from these only in edges into one reader of ``layer``."""
         if self.start_layer(ablate) < layer:
@@ -547,7 +547,7 @@ class NativeEdgeRunner:
         With ``cache`` (:meth:`start_cache` of ``K`` copies at ``cache["layer"]``) and ``reader`` (a graph
         reader index of that layer), copy ``k`` of ``ablate`` must differ from cached copy ``k`` only in edges
         into ``reader``: the run starts at that layer, recomputes that one reader's projection and its head,
-        and takes every other head from the cache. The recomputed ``proj`` ``[K*B pos e]`` and head ``out``
+        and takes every other head from the cache. The recomputed ``proj`` ``[K*B pos e]`` and the head's ``z`` (``out``)
         are left in ``self.trial`` for :meth:`commit_cache`.
         """
         g, ex = self.g, self.ex
@@ -630,15 +630,16 @@ class NativeEdgeRunner:
             pattern = masked_softmax(torch.matmul(q, k.transpose(-1, -2)) / ex.scale, blocked)
             z = torch.matmul(pattern, v)  # [H N P e]
             if layer == L0 and only is not None:
-                out = torch.matmul(z.reshape(K * B * P, -1), wts["W_O"][only])  # [N*P d]
-                self.trial = {"proj": proj, "out": out, "head": only, "port": port}
-                heads = cache["heads"].clone()
-                heads[only] = out
-            else:
-                heads = torch.matmul(z.reshape(H, K * B * P, -1), wts["W_O"])  # [H N*P d]
+                # the cache holds every head's z (a quarter of its output's size); only head `only` changed
+                z_new = z.reshape(K * B * P, -1)
+                self.trial = {"proj": proj, "out": z_new, "head": only, "port": port}
+                z = cache["z"].clone()
+                z[only] = z_new
+            z = z.reshape(H, K * B * P, -1)
             if capture is not None and layer == L0:
-                capture["heads"] = heads
-                return heads
+                capture["z"] = z
+                return z
+            heads = torch.matmul(z, wts["W_O"])  # [H N*P d]
             mid = x + (heads.sum(0) + wts["b_O"]).view(K, B, P, d)
             hs = g.source_slice("head", layer)
             diff = (rep[hs].reshape(H, 1, B * P * d) - heads.view(H, K, B * P * d)).transpose(0, 1)
@@ -669,14 +670,14 @@ class NativeEdgeRunner:
         order = [k for k, _ in picks]
         if order[:K] == list(range(K)):  # the old copies in place, new ones appended
             extra = torch.tensor(order[K:], dtype=torch.long)
-            qkv, heads = cache["qkv"], cache["heads"]
+            qkv, heads = cache["qkv"], cache["z"]
             if len(extra):
                 qkv = torch.cat([qkv, qkv.unflatten(2, (K, B))[:, :, extra].flatten(2, 3)], 2)
                 heads = torch.cat([heads, heads.unflatten(1, (K, -1))[:, extra].flatten(1, 2)], 1)
         else:
             src = torch.tensor(order)
             qkv = cache["qkv"].unflatten(2, (K, B))[:, :, src].flatten(2, 3)
-            heads = cache["heads"].unflatten(1, (K, -1))[:, src].flatten(1, 2)
+            heads = cache["z"].unflatten(1, (K, -1))[:, src].flatten(1, 2)
         taken = [j for j, (_, t) in enumerate(picks) if t]
         if taken:
             tr = self.trial
@@ -688,4 +689,4 @@ class NativeEdgeRunner:
             heads = heads.unflatten(1, (len(picks), -1))
             heads[tr["head"], dst] = tr["out"].unflatten(0, (K, -1))[rows]
             heads = heads.flatten(1, 2)
-        return {"layer": cache["layer"], "qkv": qkv, "heads": heads}
+        return {"layer": cache["layer"], "qkv": qkv, "z": heads}
