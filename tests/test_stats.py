@@ -133,6 +133,10 @@ def test_study_verdicts_targets_and_banner(tmp_path):
     assert s["targets_met"] and not s["banner"]
     md = render_summary(cfg, s)
     assert "**holds**" in md and "⚠" not in md
+    # the debiased-teacher target shows each method's own ID and OOD gain, so its margin is visible
+    import re
+    target = next(t for t in s["targets"] if t["name"] == "debiased_teachers")
+    assert re.search(r"\[reweight: ID 0\.970, OOD gain \+0\.(2[89]|3[01])\d\]", target["message"]), target["message"]
 
     # Nothing learned the control task: the run still summarises, and says so loudly.
     bad = summarise(cfg, _grid(cfg, ood, control=0.52))
