@@ -64,7 +64,6 @@ class _Evaluator:
         total = torch.zeros(K, dtype=torch.float64)
         node_level = self.graph.level == "node"
         for i, bv in enumerate(self.batches):
-            B = len(bv.pairs)
             w = (~keep).float().to(bv.replacement.device)
             clean_logits = bv.clean.logits
             with torch.no_grad():
@@ -77,15 +76,18 @@ class _Evaluator:
                 else:
                     run = patched_forward(self.model, self.graph, bv.pairs.clean, bv.pairs.attention_mask,
                                           ablate=w, replacement=bv.replacement, norm_scales=bv.clean.norm_scales)
-            big = bv.pairs.repeat(K)
-            if self.criterion == "kl":
-                value = evaluate_metric(KLToClean(), run.logits, big, clean_logits)
-            else:
-                value = -evaluate_metric(self.metric, run.logits, big, clean_logits)
-            total += value.double().view(K, B).sum(1).cpu()
+            total += self._criterion(run.logits, bv, K, clean_logits)
             self.forwards += 1
         return total / self.n
 
+    def _criterion(self, logits: torch.Tensor, bv, K: int, clean_logits: torch.Tensor) -> torch.Tensor:
+        """``[K]``: the criterion summed over ``bv``'s pairs for each of ``K`` copies (copy-major ``logits``)."""
+        big = bv.pairs.repeat(K)
+        if self.criterion == "kl":
+            value = evaluate_metric(KLToClean(), logits, big, clean_logits)
+        else:
+            value = -evaluate_metric(self.metric, logits, big, clean_logits)
+        return value.double().view(K, len(bv.pairs)).sum(1).cpu()
 
     def try_removal(self, keep: torch.Tensor, cell: tuple) -> torch.Tensor:
         """The criterion of each state in ``keep`` (``[K *graph.shape]``) with ``cell`` removed.
@@ -103,21 +105,15 @@ class _Evaluator:
             return self(trials)
         K = keep.shape[0]
         total = torch.zeros(K, dtype=torch.float64)
-        states_w = (~keep).float()
         if self.caches is None or self.caches[0]["layer"] != layer:
+            states_w = (~keep).float()
             self.caches = [runner.start_cache(states_w.to(bv.replacement.device), layer, rp)
                            for runner, bv, rp in zip(self.runners, self.batches, self.read_pos)]
         w = (~trials).float()
         for i, bv in enumerate(self.batches):
-            B = len(bv.pairs)
             logits = self.runners[i].logits(w.to(bv.replacement.device), self.read_pos[i], cache=self.caches[i],
                                             reader=int(cell[1]))
-            big = bv.pairs.repeat(K)
-            if self.criterion == "kl":
-                value = evaluate_metric(KLToClean(), logits, big, self.clean_read[i])
-            else:
-                value = -evaluate_metric(self.metric, logits, big, self.clean_read[i])
-            total += value.double().view(K, B).sum(1).cpu()
+            total += self._criterion(logits, bv, K, self.clean_read[i])
         self.forwards += 1
         return total / self.n
 
