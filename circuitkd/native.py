@@ -12,7 +12,7 @@ Everything native in circuitkd runs on this one forward: training and class read
 pattern with its gradients), the patching fast path and the circuit edge runners
 (:meth:`NativeExecutor.run` keeps every activation; :func:`finish` resumes a patched residual
 stream from any layer, recomputing only what a patch can change). :func:`attend` is the one
-place native attention is computed.
+place native attention is computed (:func:`attend_heads` in head-major layout).
 """
 from __future__ import annotations
 
@@ -64,15 +64,45 @@ def blocked_mask(mask: Optional[Tensor], n_pos: int, causal: bool, device) -> Te
 def attend(q: Float[Tensor, "... dest_pos head d_head"], k: Float[Tensor, "... src_pos head d_head"],
            v: Float[Tensor, "... src_pos head d_head"], blocked: Tensor, scale: float
            ) -> tuple[Float[Tensor, "... dest_pos head d_head"], Float[Tensor, "... head dest_pos src_pos"]]:
-    """Softmax attention: ``(z, pattern)``. Rows with nothing to attend to get a zero pattern, as TL's."""
-    pattern = masked_softmax(torch.einsum("...qhd,...khd->...hqk", q, k) / scale, blocked)
-    return torch.einsum("...hqk,...khd->...qhd", pattern, v), pattern
+    """Softmax attention: ``(z, pattern)``. Rows with nothing to attend to get a zero pattern, as TL's.
+
+    Position-major layout (TransformerLens's); :func:`attend_heads` computes it head-major.
+    """
+    z, pattern = attend_heads(q.transpose(-2, -3), k.transpose(-2, -3), v.transpose(-2, -3), blocked, scale)
+    return z.transpose(-2, -3), pattern
+
+
+def attend_heads(q: Float[Tensor, "... head dest_pos d_head"], k: Float[Tensor, "... head src_pos d_head"],
+                 v: Float[Tensor, "... head src_pos d_head"], blocked: Tensor, scale: float
+                 ) -> tuple[Float[Tensor, "... head dest_pos d_head"], Float[Tensor, "... head dest_pos src_pos"]]:
+    """Softmax attention, head-major: ``(z, pattern)``; ``blocked`` broadcasts to the pattern's shape.
+
+    One query per head (a read-out row) takes broadcast products instead of matmuls with a
+    dimension of 1, whose batched backward is an outer product per head and several times slower.
+    """
+    if q.shape[-2] == 1:
+        pattern = masked_softmax((q * k).sum(-1).unsqueeze(-2) / scale, blocked)
+        return (pattern.transpose(-1, -2) * v).sum(-2, keepdim=True), pattern
+    pattern = masked_softmax(torch.matmul(q, k.transpose(-1, -2)) / scale, blocked)
+    return torch.matmul(pattern, v), pattern
+
+
+#: PyTorch's CPU softmax kernel is vectorised for rows of at least this many entries; shorter rows
+#: (a 15-token NLI input) take a scalar path about 15x slower per entry (torch 2.13, AVX-512), so
+#: :func:`masked_softmax` pads them with ``-inf`` (weight exactly 0) to this length and slices back.
+_SOFTMAX_MIN_ROW = 16
 
 
 def masked_softmax(scores: Float[Tensor, "... dest_pos src_pos"], blocked: Tensor) -> Float[Tensor, "... dest_pos src_pos"]:
     """The attention pattern from scaled scores: blocked keys get no weight, and a row with every key
     blocked (an all-padding input) is all zeros rather than NaN, as TransformerLens's attention."""
-    pattern = torch.softmax(scores.masked_fill(blocked, float("-inf")), dim=-1)
+    scores = scores.masked_fill(blocked, float("-inf"))
+    n_src = scores.shape[-1]
+    if scores.device.type == "cpu" and n_src < _SOFTMAX_MIN_ROW:
+        padded = F.pad(scores, (0, _SOFTMAX_MIN_ROW - n_src), value=float("-inf"))
+        pattern = torch.softmax(padded, dim=-1)[..., :n_src]
+    else:
+        pattern = torch.softmax(scores, dim=-1)
     if bool(blocked.all(-1).any()):
         pattern = pattern.masked_fill(blocked, 0.0)
     return pattern
@@ -165,18 +195,41 @@ class NativeExecutor:
     def forward(self, tokens: Int[Tensor, "batch pos"], mask: Optional[Tensor], read_pos: Optional[Tensor],
                 patterns: Optional[list] = None) -> tuple[Tensor, Tensor]:
         """``(logits [batch d_out], hidden [batch d_model])`` at ``read_pos`` (default 0), keeping
-        gradients; appends each layer's pattern to ``patterns`` when given. ``hidden`` is the final
-        residual stream after the final LayerNorm, the classifier's input."""
+        gradients; appends each layer's pattern ``[batch head dest src]`` to ``patterns`` when given.
+        ``hidden`` is the final residual stream after the final LayerNorm, the classifier's input.
+
+        The training forward, so written for speed: one fused q/k/v projection per layer, heads
+        kept in ``[batch, head, pos, d_head]`` for batched matmuls, and (unless ``patterns`` is
+        asked for) the last layer computes its query, attention output and MLP only at the read
+        position, the one row the logits depend on. Equals :meth:`run`'s logits to float rounding.
+        """
         B, P = tokens.shape
-        x = self.tok[tokens] + self.pos[:P][None]
-        blocked = self.blocked(mask, P, tokens.device)
+        ar = torch.arange(B, device=tokens.device)
+        read = torch.zeros(B, dtype=torch.long, device=tokens.device) if read_pos is None else read_pos
+        x = F.embedding(tokens, self.tok) + self.pos[:P][None]
+        blocked = self.blocked(mask, P, tokens.device)  # [B|1, 1, P, P]
+        H, dh, d = self.H, self.dh, self.d
         for i, p in enumerate(self.layers):
             h = self.ln(x, p["ln1"])
-            z, pattern = self.attend(self.heads(p["q"], h), self.heads(p["k"], h), self.heads(p["v"], h), blocked)
+            w = torch.cat([p["q"].weight, p["k"].weight, p["v"].weight])
+            b = torch.cat([p["q"].bias, p["k"].bias, p["v"].bias])
+            if i == self.L - 1 and patterns is None:
+                k, v = F.linear(h, w[d:], b[d:]).view(B, P, 2, H, dh).unbind(2)  # [B, P, H, dh] each
+                q = F.linear(h[ar, read], w[:d], b[:d]).view(B, 1, H, dh)
+                rows = blocked.expand(B, -1, -1, -1)[ar, :, read].unsqueeze(-2)  # [B, 1, 1, P]
+                z, _ = attend(q, k, v, rows, self.scale)  # [B, 1, H, dh]
+                x = self.mlp(i, x[ar, read] + self.out(i, z[:, 0]))
+                return self._read_out(x)
+            # unbind, not indexing: its backward stacks the three gradients instead of filling zeros thrice.
+            q, k, v = F.linear(h, w, b).view(B, P, 3, H, dh).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, P, dh]
+            z, pattern = attend_heads(q, k, v, blocked, self.scale)
             if patterns is not None:
                 patterns.append(pattern)
+            z = z.transpose(1, 2)  # [B, P, H, dh]
             x = self.mlp(i, x + self.out(i, z))
-        x = x[:, 0] if read_pos is None else x[torch.arange(B, device=x.device), read_pos]
+        return self._read_out(x[ar, read])
+
+    def _read_out(self, x: Float[Tensor, "batch d_model"]) -> tuple[Tensor, Tensor]:
         hidden = self.ln(x, self.lnf)
         return F.linear(hidden, self.unembed.weight, self.unembed.bias), hidden
 
