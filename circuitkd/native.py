@@ -16,7 +16,8 @@ place native attention is computed (:func:`attend_heads` in head-major layout).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -30,6 +31,11 @@ from circuitkd.hooks import attn_scale
 ACTIVATIONS = {
     "gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu,
     "silu": F.silu, "swish": F.silu,
+}
+#: The same activations in place, for the resumed forward's scratch buffers (:func:`mlp_into`).
+ACTIVATIONS_INPLACE = {
+    "gelu": torch.ops.aten.gelu_, "gelu_new": lambda x: torch.ops.aten.gelu_(x, approximate="tanh"),
+    "relu": torch.relu_, "silu": lambda x: F.silu(x, inplace=True), "swish": lambda x: F.silu(x, inplace=True),
 }
 
 
@@ -123,7 +129,8 @@ class NativeExecutor:
         self.L, self.H, self.dh, self.d = int(cfg.n_layers), int(cfg.n_heads), int(cfg.d_head), int(cfg.d_model)
         self.causal = cfg.attention_dir == "causal"
         self.attn_only = bool(cfg.attn_only)
-        self.act = ACTIVATIONS[(cfg.act_fn or "gelu").lower()]
+        self.act_name = (cfg.act_fn or "gelu").lower()
+        self.act = ACTIVATIONS[self.act_name]
         orig = lambda m: m.original_component  # noqa: E731
         self.tok = orig(model.embed).weight
         self.pos = orig(model.pos_embed).weight
@@ -261,10 +268,22 @@ class NativeCache:
     blocked: Tensor
     read_pos: Tensor
     logits: Optional[Tensor] = None
+    scratch: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("resid_pre", "q", "k", "v", "z", "pattern", "attn_out", "resid_mid", "mlp_out", "resid_post"):
             setattr(self, name, [])
+
+    def buffer(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """A scratch tensor of ``shape`` for the resumed forwards on this cache, reused by every call
+        that asks for ``name`` (the patched copies come in chunks of equal shape): allocating the tens
+        of MB of a dense layer afresh per chunk costs more in page faults than its MLP's matmuls.
+        Whatever the previous use of ``name`` left in it is overwritten."""
+        n = math.prod(shape)
+        buf = self.scratch.get(name)
+        if buf is None or buf.numel() < n:
+            buf = self.scratch[name] = torch.empty(n, dtype=like.dtype, device=like.device)
+        return buf[:n].view(shape)
 
     def at_read(self, name: str, layer: int) -> Tensor:
         """``[batch, ...]``: the cached activation at each example's read position."""
@@ -276,14 +295,9 @@ class NativeCache:
 # Patched states of the residual stream for N copies of a B-example batch:
 #   ("sparse", pos[N], vec[N,B,d]) - equals the base run except at one position per copy;
 #   ("dense", x[N,B,P,d]);  ("read", x[N,B,d]) - only each example's read-out position.
-
-
-def scatter_pos(base: Tensor, pos: Tensor, vec: Tensor) -> Tensor:
-    """Base ``[B,P,...]`` expanded to ``[N,B,P,...]`` with copy n's position ``pos[n]`` set to ``vec[n]``."""
-    N = pos.shape[0]
-    x = base.unsqueeze(0).expand((N,) + tuple(base.shape)).clone()
-    x[torch.arange(N, device=pos.device), :, pos] = vec
-    return x
+# What follows runs without gradients only (the patching and circuit fast paths): the dense layers
+# write into the cache's scratch buffers (:meth:`NativeCache.buffer`), so a "dense" state they return
+# is overwritten by the next resumed layer; the training forward above never comes here.
 
 
 def read_of_sparse(ex: NativeExecutor, c: NativeCache, base_name: str, layer: int, pos: Tensor, vec: Tensor) -> Tensor:
@@ -293,41 +307,126 @@ def read_of_sparse(ex: NativeExecutor, c: NativeCache, base_name: str, layer: in
     return torch.where(hit, vec, base_r)
 
 
+def qkv_params(ex: NativeExecutor, i: int) -> tuple[Tensor, Tensor]:
+    """Layer ``i``'s q/k/v projections as one: weight ``[3*d, d]``, bias ``[3*d]``."""
+    p = ex.layers[i]
+    return torch.cat([p["q"].weight, p["k"].weight, p["v"].weight]), torch.cat([p["q"].bias, p["k"].bias, p["v"].bias])
+
+
+def ln_into(ex: NativeExecutor, c: NativeCache, name: str, x: Float[Tensor, "rows d_model"], params) -> Tensor:
+    """:meth:`NativeExecutor.ln` of ``x`` into scratch buffer ``name``."""
+    w, b, eps = params
+    rows = x.shape[0]
+    out = c.buffer(name, (rows, ex.d), x)
+    torch.ops.aten.native_layer_norm.out(x, [ex.d], w, b, eps, out0=out, out1=c.buffer(name + ".mean", (rows, 1), x),
+                                         out2=c.buffer(name + ".rstd", (rows, 1), x))
+    return out
+
+
+def mlp_into(ex: NativeExecutor, c: NativeCache, i: int, mid: Float[Tensor, "rows d_model"]) -> Float[Tensor, "rows d_model"]:
+    """:meth:`NativeExecutor.mlp` (resid mid -> resid post) in scratch buffers; ``mid`` is only read."""
+    if ex.attn_only:
+        return mid
+    p = ex.layers[i]
+    fc_in, fc_out = p["fc_in"], p["fc_out"]
+    rows = mid.shape[0]
+    hidden = torch.addmm(fc_in.bias, ln_into(ex, c, "ln2", mid, p["ln2"]), fc_in.weight.t(),
+                         out=c.buffer("hidden", (rows, fc_in.weight.shape[0]), mid))
+    ACTIVATIONS_INPLACE[ex.act_name](hidden)
+    post = torch.addmm(mid, hidden, fc_out.weight.t(), out=c.buffer("post", (rows, ex.d), mid))
+    return post.add_(fc_out.bias)
+
+
+def dense_layer(ex: NativeExecutor, c: NativeCache, i: int, x: Float[Tensor, "N batch pos d_model"]
+                ) -> Float[Tensor, "N batch pos d_model"]:
+    """Layer ``i`` at every position of N patched copies: resid_pre -> resid_post, in scratch buffers
+    (one fused q/k/v matmul, heads batch-major for the attention's batched matmuls)."""
+    N, B, P, d = x.shape
+    H, dh, rows = ex.H, ex.dh, N * B * P
+    p = ex.layers[i]
+    x = x.reshape(rows, d)
+    w, b = qkv_params(ex, i)
+    qkv = torch.addmm(b, ln_into(ex, c, "ln1", x, p["ln1"]), w.t(), out=c.buffer("qkv", (rows, 3 * H * dh), x))
+    heads = c.buffer("qkv_heads", (3, N, B, H, P, dh), x)
+    heads.copy_(qkv.view(N, B, P, 3, H, dh).permute(3, 0, 1, 4, 2, 5))
+    z, _ = attend_heads(*heads.unbind(0), c.blocked, ex.scale)  # [N,B,H,P,dh]
+    z = c.buffer("z", (N, B, P, H, dh), x).copy_(z.transpose(2, 3))
+    mid = torch.addmm(x, z.view(rows, H * dh), p["o"].weight.t(), out=c.buffer("mid", (rows, d), x)).add_(p["o"].bias)
+    return mlp_into(ex, c, i, mid).view(N, B, P, d)
+
+
+def attend_changed(ex: NativeExecutor, c: NativeCache, i: int, q: Float[Tensor, "batch head N dest_pos d_head"],
+                   pos: Int[Tensor, " N"], k_new: Float[Tensor, "N batch head d_head"],
+                   v_new: Float[Tensor, "N batch head d_head"], blocked: Tensor) -> Float[Tensor, "batch head N dest_pos d_head"]:
+    """Layer ``i``'s attention output of N patched copies whose key and value differ from the base run's
+    at one source position each (``pos[n]``, new ``k_new[n]``, ``v_new[n]``), for queries ``q``:
+    copy n's scores are ``q . k_base`` with column ``pos[n]`` replaced, and its output is
+    ``pattern @ v_base`` with that column's weight moved onto ``v_new`` -- no per-copy keys or values.
+    ``blocked`` broadcasts to ``[batch, head, N, dest_pos, src_pos]``."""
+    B, H, N, R, dh = q.shape
+    ar = torch.arange(N, device=pos.device)
+    k_base, v_base = c.k[i].transpose(1, 2), c.v[i].transpose(1, 2)  # [B,H,P,dh]
+    scores = torch.matmul(q.reshape(B, H, N * R, dh), k_base.transpose(-1, -2)).view(B, H, N, R, -1)
+    new_col = torch.matmul(q, k_new.permute(1, 2, 0, 3).unsqueeze(-1))[..., 0]  # [B,H,N,R]
+    scores[:, :, ar, :, pos] = new_col.permute(2, 0, 1, 3)
+    pattern = masked_softmax(scores / ex.scale, blocked)
+    weight_new = pattern[:, :, ar, :, pos].permute(1, 2, 0, 3)  # [B,H,N,R]
+    pattern[:, :, ar, :, pos] = 0.0
+    z = torch.matmul(pattern.reshape(B, H, N * R, -1), v_base).view(B, H, N, R, dh)
+    return z.add_(weight_new.unsqueeze(-1) * v_new.permute(1, 2, 0, 3).unsqueeze(-2))
+
+
+def sparse_layer(ex: NativeExecutor, c: NativeCache, i: int, pos: Tensor, vec: Tensor) -> tuple:
+    """Layer ``i`` on a resid_pre that differs from the base run at one position per copy (``pos[n]``,
+    ``vec[n]`` ``[B,d]``): only that position's q/k/v are new (:func:`attend_changed`); every position's
+    attention output, and so its MLP, changes. The last layer computes the read-out position only."""
+    N, B = vec.shape[:2]
+    P, H, dh, d = c.q[i].shape[1], ex.H, ex.dh, ex.d
+    p = ex.layers[i]
+    ar = torch.arange(N, device=pos.device)
+    w, b = qkv_params(ex, i)
+    q_new, k_new, v_new = F.linear(ex.ln(vec, p["ln1"]), w, b).view(N, B, 3, H, dh).unbind(2)  # [N,B,H,dh]
+    if i == ex.L - 1:
+        ar_b = torch.arange(B, device=pos.device)
+        hit = (pos[:, None] == c.read_pos[None, :])[..., None, None]
+        q_read = torch.where(hit, q_new, c.q[i][ar_b, c.read_pos].unsqueeze(0))  # [N,B,H,dh]
+        blocked_read = c.blocked.expand(B, -1, -1, -1)[ar_b, :, c.read_pos][:, :, None, None]  # [B,1,1,1,P]
+        z = attend_changed(ex, c, i, q_read.permute(1, 2, 0, 3).unsqueeze(-2), pos, k_new, v_new, blocked_read)
+        pre_read = read_of_sparse(ex, c, "resid_pre", i, pos, vec)
+        return ("read", ex.mlp(i, pre_read + ex.out(i, z[..., 0, :].permute(2, 0, 1, 3))))
+    q = c.buffer("q_rows", (B, H, N, P, dh), vec)
+    q.copy_(c.q[i].permute(0, 2, 1, 3).unsqueeze(2).expand(B, H, N, P, dh))
+    q[:, :, ar, pos] = q_new.permute(1, 2, 0, 3)
+    z = attend_changed(ex, c, i, q, pos, k_new, v_new, c.blocked[:, :, None])  # [B,H,N,P,dh]
+    rows = N * B * P
+    z = c.buffer("z", (N, B, P, H, dh), vec).copy_(z.permute(2, 0, 3, 1, 4))
+    mid = torch.addmm(p["o"].bias, z.view(rows, H * dh), p["o"].weight.t(), out=c.buffer("mid", (rows, d), vec))
+    mid = mid.view(N, B, P, d)
+    attn_at_pos = mid[ar, :, pos]  # [N,B,d]
+    mid += c.resid_pre[i]
+    mid[ar, :, pos] = vec + attn_at_pos
+    return ("dense", mlp_into(ex, c, i, mid.view(rows, d)).view(N, B, P, d))
+
+
 def resume_layer(ex: NativeExecutor, c: NativeCache, i: int, state: tuple) -> tuple:
     """Run layer ``i`` on a patched resid_pre state; returns the resid_pre state of layer ``i+1`` (or "read")."""
-    last = i == ex.L - 1
-    p = ex.layers[i]
-    B = c.read_pos.shape[0]
-    ar = torch.arange(B, device=c.read_pos.device)
     kind = state[0]
     if kind == "read":
         raise CircuitKDError("internal: a read-out state cannot enter another layer")  # pragma: no cover
     if kind == "sparse":
-        _, pos, vec = state
-        h = ex.ln(vec, p["ln1"])
-        qp, kp, vp = ex.heads(p["q"], h), ex.heads(p["k"], h), ex.heads(p["v"], h)  # [N,B,H,dh]
-        K, V = scatter_pos(c.k[i], pos, kp), scatter_pos(c.v[i], pos, vp)  # [N,B,P,H,dh]
-        if last:
-            hit = (pos[:, None] == c.read_pos[None, :])[..., None, None]
-            q_r = torch.where(hit, qp, c.q[i][ar, c.read_pos].unsqueeze(0))  # [N,B,H,dh]
-            blocked_r = c.blocked.expand(B, -1, -1, -1)[ar, :, c.read_pos].unsqueeze(-2)  # [B,1,1,P]
-            z_r, _ = ex.attend(q_r.unsqueeze(-3), K, V, blocked_r)
-            pre_r = read_of_sparse(ex, c, "resid_pre", i, pos, vec)
-            return ("read", ex.mlp(i, pre_r + ex.out(i, z_r[..., 0, :, :])))
-        Q = scatter_pos(c.q[i], pos, qp)
-        z, _ = ex.attend(Q, K, V, c.blocked)
-        x = scatter_pos(c.resid_pre[i], pos, vec)
-        return ("dense", ex.mlp(i, x + ex.out(i, z)))
+        return sparse_layer(ex, c, i, state[1], state[2])
     x = state[1]  # dense [N,B,P,d]
+    if i < ex.L - 1:
+        return ("dense", dense_layer(ex, c, i, x))
+    # the last layer: only the read query reaches the output, so no keys or values at every position
+    p = ex.layers[i]
+    B = c.read_pos.shape[0]
+    ar = torch.arange(B, device=c.read_pos.device)
     h = ex.ln(x, p["ln1"])
-    if last:  # only the read query reaches the output: no keys or values at every position
-        x_r = x[:, ar, c.read_pos]  # [N,B,d]
-        q_r = ex.heads(p["q"], h[:, ar, c.read_pos])  # [N,B,H,dh]
-        blocked_r = c.blocked.expand(B, -1, -1, -1)[ar, :, c.read_pos]  # [B,1,P]
-        return ("read", ex.mlp(i, x_r + ex.out(i, ex.attend_read(i, h, q_r, blocked_r))))
-    k, v = ex.heads(p["k"], h), ex.heads(p["v"], h)
-    z, _ = ex.attend(ex.heads(p["q"], h), k, v, c.blocked)
-    return ("dense", ex.mlp(i, x + ex.out(i, z)))
+    x_r = x[:, ar, c.read_pos]  # [N,B,d]
+    q_r = ex.heads(p["q"], h[:, ar, c.read_pos])  # [N,B,H,dh]
+    blocked_r = c.blocked.expand(B, -1, -1, -1)[ar, :, c.read_pos]  # [B,1,P]
+    return ("read", ex.mlp(i, x_r + ex.out(i, ex.attend_read(i, h, q_r, blocked_r))))
 
 
 def after_mid(ex: NativeExecutor, c: NativeCache, i: int, state: tuple) -> tuple:
@@ -335,15 +434,19 @@ def after_mid(ex: NativeExecutor, c: NativeCache, i: int, state: tuple) -> tuple
     last = i == ex.L - 1
     if state[0] == "sparse":
         _, pos, vec = state
-        post = ex.mlp(i, vec)
-        if last:
-            return ("read", read_of_sparse(ex, c, "resid_post", i, pos, post))
-        return ("sparse", pos, post)
+        if not last:
+            return ("sparse", pos, ex.mlp(i, vec))
+        # the last layer's MLP matters only where the patched position is the read position
+        hit = pos[:, None] == c.read_pos[None, :]  # [N,B]
+        post = c.at_read("resid_post", i).unsqueeze(0).expand_as(vec).clone()
+        post[hit] = ex.mlp(i, vec[hit])
+        return ("read", post)
     x = state[1]
     if last:
         ar = torch.arange(x.shape[1], device=x.device)
         return ("read", ex.mlp(i, x[:, ar, c.read_pos]))
-    return ("dense", ex.mlp(i, x))
+    rows = x.shape[0] * x.shape[1] * x.shape[2]
+    return ("dense", mlp_into(ex, c, i, x.reshape(rows, ex.d)).view(x.shape))
 
 
 def finish(ex: NativeExecutor, c: NativeCache, start: int, state: tuple) -> Tensor:

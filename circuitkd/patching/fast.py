@@ -56,13 +56,13 @@ def fast_group(ex: NativeExecutor, base: NativeCache, src: "SourceActs", kind: s
         return finish(ex, base, i + 1, after_mid(ex, base, i, mid))
     if kind == "z":
         src_ho = src.head_out(i)  # [B,P,H,d]
-        base_ho = torch.einsum("bphd,hde->bphe", base.z[i], ex.layers[i]["W_O"])
+        W_O = ex.layers[i]["W_O"][heads]  # [N,dh,d]; the base run's head outputs at the copies' cells only
         if by_pos:
-            d = src_ho[:, pos, heads] - base_ho[:, pos, heads]  # [B,N,d]
+            d = src_ho[:, pos, heads] - torch.einsum("bnd,nde->bne", base.z[i][:, pos, heads], W_O)  # [B,N,d]
             mid = ("sparse", pos, take(base.resid_mid[i], pos, 1) + d.transpose(0, 1))
         else:
-            d = (src_ho[:, :, heads] - base_ho[:, :, heads]).permute(2, 0, 1, 3)  # [N,B,P,d]
-            mid = ("dense", base.resid_mid[i].unsqueeze(0) + d)
+            d = src_ho[:, :, heads] - torch.einsum("bpnd,nde->bpne", base.z[i][:, :, heads], W_O)  # [B,P,N,d]
+            mid = ("dense", base.resid_mid[i].unsqueeze(0) + d.permute(2, 0, 1, 3))
         return finish(ex, base, i + 1, after_mid(ex, base, i, mid))
     # q / k / v / pattern: recompute head h's z at the affected destinations
     q_b, k_b, v_b = base.q[i], base.k[i], base.v[i]  # [B,P,H,dh]
