@@ -20,8 +20,8 @@ from circuitkd.patching import patch
 N_POS = 8
 
 
-def _model(causal: bool, act_fn: str = "gelu", attn_only: bool = False):
-    spec = ModelSpec.preset("student").replace(d_vocab=30, n_ctx=N_POS, n_classes=3, d_model=64, n_layers=3,
+def _model(causal: bool, act_fn: str = "gelu", attn_only: bool = False, n_layers: int = 3):
+    spec = ModelSpec.preset("student").replace(d_vocab=30, n_ctx=N_POS, n_classes=3, d_model=64, n_layers=n_layers,
                                                causal=causal, act_fn=act_fn, attn_only=attn_only)
     model = build_model(spec, device="cpu")
     g = torch.Generator().manual_seed(1)
@@ -63,3 +63,18 @@ def test_fast_equals_reference_other_activations(act_fn, attn_only):
     kw = dict(normalise=False, positions=[0, 3, 7])
     torch.testing.assert_close(patch(model, pairs, "head_pos", method="fast", copies_per_forward=5, **kw),
                                patch(model, pairs, "head_pos", method="reference", **kw), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_fast_equals_reference_in_several_row_blocks(monkeypatch, causal):
+    """Dense layers and MLPs split a chunk of copies into row blocks (:func:`~circuitkd.native.copy_blocks`):
+    with 50 rows a block, 3 examples x 8 positions make blocks of 2, 2 and 1 of a chunk's 5 copies. Four
+    layers: a layer-0 patch passes a changed-position layer, a dense layer and the read-out layer."""
+    from circuitkd import native
+
+    monkeypatch.setattr(native, "BLOCK_ROWS", 50)
+    model, pairs = _model(causal, n_layers=4), _pairs(causal)
+    site = "head_pos"
+    kw = dict(normalise=False, positions=[0, 3, 7])
+    torch.testing.assert_close(patch(model, pairs, site, method="fast", copies_per_forward=5, batch_size=3, **kw),
+                               patch(model, pairs, site, method="reference", **kw), atol=1e-5, rtol=0)
