@@ -12,7 +12,10 @@ Everything native in circuitkd runs on this one forward: training and class read
 pattern with its gradients), the patching fast path and the circuit edge runners
 (:meth:`NativeExecutor.run` keeps every activation; :func:`finish` resumes a patched residual
 stream from any layer, recomputing only what a patch can change). :func:`attend` is the one
-place native attention is computed (:func:`attend_heads` in head-major layout).
+place native attention is computed (:func:`attend_heads` in head-major layout); the resumed
+forward adds two exact shortcuts on top of :func:`masked_softmax`: :meth:`NativeExecutor.attend_read`
+(one query, no keys or values at every position) and :func:`attend_changed` (keys and values
+differ from the base run's at one position).
 """
 from __future__ import annotations
 

@@ -44,9 +44,12 @@ How it is fast. Three executors compute the same numbers:
   the patched layer, recomputing nothing that cannot change. It starts from the cached base activations at the
   patched layer; while a patch has changed one position only, it recomputes that
   position alone (MLPs are position-wise; q/k/v of the other positions are cached);
-  from the next attention on it recomputes every position; and in the last layer it
-  computes only the read-out position. The clean and corrupt runs are done once per
-  batch and reused by every patched copy.
+  the next attention computes q/k/v at that position only and updates every query's
+  scores and output for the one changed key/value column; from there on it recomputes
+  every position (in the cache's reused scratch buffers, a block of rows at a time);
+  and in the last layer it computes only the read-out position (a last-layer patch
+  elsewhere changes nothing there). The clean and corrupt runs are done once per batch
+  and reused by every patched copy.
 
 ``method="auto"`` picks ``fast`` where it applies, else ``stacked``.
 
