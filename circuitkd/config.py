@@ -125,8 +125,8 @@ _RULES: dict[str, dict[str, Rule]] = {
         "methods": ("a list of method names", lambda v: all(isinstance(m, str) for m in v)),
         "fixes": ("a list of fix names", lambda v: all(isinstance(m, str) for m in v)),
         "teacher_steps": _AT_LEAST_1, "student_steps": _AT_LEAST_1, "batch_size": _AT_LEAST_1,
-        "lr": _POSITIVE, "temperature": _POSITIVE, "debiased_kd_alpha": _in(0, 1), "fix_alpha": _in(0, 1),
-        "augment_n": _NON_NEGATIVE, "workers": _AT_LEAST_1, "threads_per_worker": _AT_LEAST_1,
+        "lr": _POSITIVE, "weight_decay": _NON_NEGATIVE, "temperature": _POSITIVE,
+        "debiased_kd_alpha": _in(0, 1), "fix_alpha": _in(0, 1), "augment_n": _NON_NEGATIVE, "workers": _AT_LEAST_1, "threads_per_worker": _AT_LEAST_1,
         "device": ("'auto' or a torch device ('cpu', 'cuda', 'cuda:1')", _device_ok),
         "executor": (f"one of {list(EXECUTORS)}", lambda v: v in EXECUTORS),
         "ray_address": ("'' (RAY_ADDRESS or a new local Ray), 'auto' or 'HOST:PORT'", _ray_address_ok),
@@ -434,6 +434,8 @@ class ExperimentCfg(_Jsonable):
     student_steps: int = 250
     batch_size: int = 64
     lr: float = 1e-3
+    #: AdamW's decoupled weight decay for every model of the grid (``TrainCfg.weight_decay``)
+    weight_decay: float = 0.01
     temperature: float = 2.0
     alphas: Sequence = (0.0, 0.5)  # lists from JSON become tuples
     debiased_kd_alpha: float = 0.5

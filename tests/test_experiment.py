@@ -30,6 +30,17 @@ def test_default_config_ships_and_round_trips():
         ExperimentCfg.from_dict({"nmae": "x"})
 
 
+def test_weight_decay_reaches_every_model_of_the_grid():
+    from circuitkd.run.jobs import _train_cfg
+
+    cfg = default_config().replace(weight_decay=0.3)
+    assert _train_cfg(cfg, "teacher", 1).weight_decay == 0.3
+    assert _train_cfg(cfg, "student", 2, steps=7).weight_decay == 0.3
+    assert _train_cfg(default_config(), "student", 2).weight_decay == 0.01  # AdamW's usual default
+    with pytest.raises(CircuitKDError, match="weight_decay"):
+        default_config().replace(weight_decay=-0.1)
+
+
 def test_plan_covers_grid_in_dependency_order():
     cfg = ExperimentCfg(methods=("poe", "confreg"), seeds=(0, 1), alphas=(0.0, 0.5), fixes=("augment", "init"))
     jobs = plan(cfg)
@@ -82,6 +93,7 @@ def test_summary_arithmetic_by_hand():
     assert s["fix_effect"]["init"]["poe"]["ood_acc"] == pytest.approx([0.06, 0.02])
     md = render_summary(cfg, s)
     assert "| poe | OOD | 20.0 ± 0.0 | 8.0 ± 2.8 | 0.40 |" in md
+    assert "lr 0.001, weight decay 0.01;" in md  # the budget line names the optimiser's settings
 
 
 def test_quick_preset_runs_resumes_and_cli(tmp_path, capsys):

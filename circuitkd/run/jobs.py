@@ -38,7 +38,8 @@ def _train_cfg(cfg: ExperimentCfg, role: str, seed: int, steps: Optional[int] = 
     from circuitkd.config import TrainCfg
 
     steps = steps or (cfg.teacher_steps if role == "teacher" else cfg.student_steps)
-    return TrainCfg(steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=seed, progress=False)
+    return TrainCfg(steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay, seed=seed,
+                    progress=False)
 
 
 def _summarise_scores(scores: dict) -> dict[str, Any]:
