@@ -11,9 +11,8 @@ Everything native in circuitkd runs on this one forward: training and class read
 (:func:`class_logits_native`), attention transfer (:func:`patterns_native`, every layer's
 pattern with its gradients), the patching fast path and the circuit edge runners
 (:meth:`NativeExecutor.run` keeps every activation; :func:`finish` resumes a patched residual
-stream from any layer, recomputing only what a patch can change). :func:`attend` is the training
-forward's attention (position-major, its arithmetic frozen: see :meth:`NativeExecutor.forward`),
-:func:`attend_heads` the analysis paths' (head-major, softmax rows padded for CPU speed); the resumed
+stream from any layer, recomputing only what a patch can change). :func:`attend` is the one
+place native attention is computed (:func:`attend_heads` in head-major layout); the resumed
 forward adds two exact shortcuts on top of :func:`masked_softmax`: :meth:`NativeExecutor.attend_read`
 (one query, no keys or values at every position) and :func:`attend_changed` (keys and values
 differ from the base run's at one position).
@@ -76,12 +75,10 @@ def attend(q: Float[Tensor, "... dest_pos head d_head"], k: Float[Tensor, "... s
            ) -> tuple[Float[Tensor, "... dest_pos head d_head"], Float[Tensor, "... head dest_pos src_pos"]]:
     """Softmax attention: ``(z, pattern)``. Rows with nothing to attend to get a zero pattern, as TL's.
 
-    Position-major layout (TransformerLens's). The training forward's attention: its arithmetic is
-    the one the default study's models were trained and verified with, so it is kept as is (plain
-    einsums, unpadded softmax rows); the analysis fast paths use :func:`attend_heads`.
+    Position-major layout (TransformerLens's); :func:`attend_heads` computes it head-major.
     """
-    pattern = masked_softmax(torch.einsum("...qhd,...khd->...hqk", q, k) / scale, blocked, pad_short_rows=False)
-    return torch.einsum("...hqk,...khd->...qhd", pattern, v), pattern
+    z, pattern = attend_heads(q.transpose(-2, -3), k.transpose(-2, -3), v.transpose(-2, -3), blocked, scale)
+    return z.transpose(-2, -3), pattern
 
 
 def attend_heads(q: Float[Tensor, "... head dest_pos d_head"], k: Float[Tensor, "... head src_pos d_head"],
@@ -105,15 +102,12 @@ def attend_heads(q: Float[Tensor, "... head dest_pos d_head"], k: Float[Tensor, 
 _SOFTMAX_MIN_ROW = 16
 
 
-def masked_softmax(scores: Float[Tensor, "... dest_pos src_pos"], blocked: Tensor, *,
-                   pad_short_rows: bool = True) -> Float[Tensor, "... dest_pos src_pos"]:
+def masked_softmax(scores: Float[Tensor, "... dest_pos src_pos"], blocked: Tensor) -> Float[Tensor, "... dest_pos src_pos"]:
     """The attention pattern from scaled scores: blocked keys get no weight, and a row with every key
-    blocked (an all-padding input) is all zeros rather than NaN, as TransformerLens's attention.
-    ``pad_short_rows=False`` keeps rows under ``_SOFTMAX_MIN_ROW`` keys unpadded (the training
-    forward's arithmetic; equal to rounding, slower on CPU)."""
+    blocked (an all-padding input) is all zeros rather than NaN, as TransformerLens's attention."""
     scores = scores.masked_fill(blocked, float("-inf"))
     n_src = scores.shape[-1]
-    if pad_short_rows and scores.device.type == "cpu" and n_src < _SOFTMAX_MIN_ROW:
+    if scores.device.type == "cpu" and n_src < _SOFTMAX_MIN_ROW:
         padded = F.pad(scores, (0, _SOFTMAX_MIN_ROW - n_src), value=float("-inf"))
         pattern = torch.softmax(padded, dim=-1)[..., :n_src]
     else:
@@ -214,23 +208,36 @@ class NativeExecutor:
         gradients; appends each layer's pattern ``[batch head dest src]`` to ``patterns`` when given.
         ``hidden`` is the final residual stream after the final LayerNorm, the classifier's input.
 
-        The training forward. Written plainly on purpose (every position of every layer, separate
-        q/k/v projections, :func:`attend`): a faster version (fused q/k/v, last layer at the read
-        row, padded softmax rows; 2.0x on the student, 1.5x on the teacher) gives the same logits to
-        6e-7, yet its rounding alone moves the default NLI teachers' OOD accuracy by up to 0.22 and
-        their target check with it (README, "Why the training is not faster").
+        The training forward, so written for speed: one fused q/k/v projection per layer, heads
+        kept in ``[batch, head, pos, d_head]`` for batched matmuls, and (unless ``patterns`` is
+        asked for) the last layer computes its query, attention output and MLP only at the read
+        position, the one row the logits depend on. Equals :meth:`run`'s logits to float rounding.
         """
         B, P = tokens.shape
-        x = self.tok[tokens] + self.pos[:P][None]
-        blocked = self.blocked(mask, P, tokens.device)
+        ar = torch.arange(B, device=tokens.device)
+        read = torch.zeros(B, dtype=torch.long, device=tokens.device) if read_pos is None else read_pos
+        x = F.embedding(tokens, self.tok) + self.pos[:P][None]
+        blocked = self.blocked(mask, P, tokens.device)  # [B|1, 1, P, P]
+        H, dh, d = self.H, self.dh, self.d
         for i, p in enumerate(self.layers):
             h = self.ln(x, p["ln1"])
-            z, pattern = self.attend(self.heads(p["q"], h), self.heads(p["k"], h), self.heads(p["v"], h), blocked)
+            w = torch.cat([p["q"].weight, p["k"].weight, p["v"].weight])
+            b = torch.cat([p["q"].bias, p["k"].bias, p["v"].bias])
+            if i == self.L - 1 and patterns is None:
+                k, v = F.linear(h, w[d:], b[d:]).view(B, P, 2, H, dh).unbind(2)  # [B, P, H, dh] each
+                q = F.linear(h[ar, read], w[:d], b[:d]).view(B, 1, H, dh)
+                rows = blocked.expand(B, -1, -1, -1)[ar, :, read].unsqueeze(-2)  # [B, 1, 1, P]
+                z, _ = attend(q, k, v, rows, self.scale)  # [B, 1, H, dh]
+                x = self.mlp(i, x[ar, read] + self.out(i, z[:, 0]))
+                return self._read_out(x)
+            # unbind, not indexing: its backward stacks the three gradients instead of filling zeros thrice.
+            q, k, v = F.linear(h, w, b).view(B, P, 3, H, dh).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, P, dh]
+            z, pattern = attend_heads(q, k, v, blocked, self.scale)
             if patterns is not None:
                 patterns.append(pattern)
+            z = z.transpose(1, 2)  # [B, P, H, dh]
             x = self.mlp(i, x + self.out(i, z))
-        x = x[:, 0] if read_pos is None else x[torch.arange(B, device=x.device), read_pos]
-        return self._read_out(x)
+        return self._read_out(x[ar, read])
 
     def _read_out(self, x: Float[Tensor, "batch d_model"]) -> tuple[Tensor, Tensor]:
         hidden = self.ln(x, self.lnf)

@@ -20,7 +20,8 @@ def _threads():
 
 def test_default_config_ships_and_round_trips():
     cfg = default_config()
-    assert cfg.task == "synthetic_nli" and "group_dro" in cfg.methods and len(cfg.seeds) >= 3
+    assert cfg.task == "synthetic_nli" and set(cfg.methods) == {"reweight", "poe"} and len(cfg.seeds) >= 3
+    assert cfg.weight_decay == 0.1
     assert ExperimentCfg.from_json(cfg.to_json()) == cfg
     quick = load_config(quick=True)
     assert quick.name == "default-quick" and quick.seeds == (0,) and quick.student_steps < cfg.student_steps

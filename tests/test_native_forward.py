@@ -1,9 +1,8 @@
 """The native training forward equals the hooked TransformerLens bridge: logits, hidden state, gradients.
 
-The training forward (:meth:`circuitkd.native.NativeExecutor.forward`) runs on the bridge's raw
-weights without hook points; the bridge runs every hook point. They must agree on encoders (read
-at CLS) and causal models (read at each example's last real token), with padding, at one and
-several layers, and so must the patterns forward attention transfer trains on.
+The training forward runs the last layer at the read row only and fuses q/k/v; the bridge runs
+every hook point at every position. They must agree on encoders (read at CLS) and causal models
+(read at each example's last real token), with padding, at one and several layers.
 """
 import pytest
 import torch

@@ -181,6 +181,11 @@ def test_the_fix_changes_what_is_trained(task, teacher):
     w_plain, w_fixed, w_zero = (full_state_dict(m) for m in (plain, fixed, zero))
     assert any(not torch.equal(w_plain[k], w_fixed[k]) for k in w_plain)
     for k in w_plain:  # coefficient 0 trains exactly what plain KD trains
+        if ".k." in k and k.endswith("bias"):
+            # A key bias adds the same score to every key of a query, which the softmax cancels: its
+            # gradient is zero up to rounding, and Adam scales that rounding up to full-size steps,
+            # differently for the two forwards (the patterns forward runs the last layer at every row).
+            continue
         torch.testing.assert_close(w_zero[k], w_plain[k], atol=1e-5, rtol=1e-5)
     pairs = [(l, h, l, h) for l in range(2) for h in range(2)]
     assert _mean_kl(teacher, fixed, task, pairs) < 0.5 * _mean_kl(teacher, plain, task, pairs)
