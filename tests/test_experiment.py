@@ -37,7 +37,8 @@ def test_weight_decay_reaches_every_model_of_the_grid():
     cfg = default_config().replace(weight_decay=0.3)
     assert _train_cfg(cfg, "teacher", 1).weight_decay == 0.3
     assert _train_cfg(cfg, "student", 2, steps=7).weight_decay == 0.3
-    assert _train_cfg(default_config(), "student", 2).weight_decay == 0.01  # AdamW's usual default
+    assert _train_cfg(ExperimentCfg(), "student", 2).weight_decay == 0.01  # AdamW's usual default
+    assert _train_cfg(default_config(), "teacher", 0).weight_decay == 0.1  # the shipped NLI arm's
     with pytest.raises(CircuitKDError, match="weight_decay"):
         default_config().replace(weight_decay=-0.1)
 
