@@ -221,8 +221,7 @@ class NativeExecutor:
         H, dh, d = self.H, self.dh, self.d
         for i, p in enumerate(self.layers):
             h = self.ln(x, p["ln1"])
-            w = torch.cat([p["q"].weight, p["k"].weight, p["v"].weight])
-            b = torch.cat([p["q"].bias, p["k"].bias, p["v"].bias])
+            w, b = qkv_params(self, i)
             if i == self.L - 1 and patterns is None:
                 k, v = F.linear(h, w[d:], b[d:]).view(B, P, 2, H, dh).unbind(2)  # [B, P, H, dh] each
                 q = F.linear(h[ar, read], w[:d], b[:d]).view(B, 1, H, dh)

@@ -372,7 +372,8 @@ def render_summary(cfg: ExperimentCfg, summary: dict[str, Any]) -> str:
     out.append(
         f"Task `{cfg.task}` {cfg.task_args or ''}; teacher {t_spec.n_layers}L d={t_spec.d_model}, student "
         f"{s_spec.n_layers}L d={s_spec.d_model}; budget: teachers {cfg.teacher_steps} steps, students "
-        f"{cfg.student_steps} steps, batch {cfg.batch_size}, lr {cfg.lr}, weight decay {cfg.weight_decay}; KD temperature {cfg.temperature}; "
+        f"{cfg.student_steps} steps, batch {cfg.batch_size}, lr {cfg.lr}, weight decay {cfg.weight_decay}; "
+        f"KD temperature {cfg.temperature}; "
         f"seeds {list(cfg.seeds)}. Accuracies in %; mean ± std over seeds, and 95% intervals [lo, hi] from a "
         f"bootstrap over seeds and test examples ({cfg.n_boot} resamples).")
     if "wall_seconds" in summary:
