@@ -105,14 +105,17 @@ _SOFTMAX_MIN_ROW = 16
 def masked_softmax(scores: Float[Tensor, "... dest_pos src_pos"], blocked: Tensor) -> Float[Tensor, "... dest_pos src_pos"]:
     """The attention pattern from scaled scores: blocked keys get no weight, and a row with every key
     blocked (an all-padding input) is all zeros rather than NaN, as TransformerLens's attention."""
-    scores = scores.masked_fill(blocked, float("-inf"))
+    # one host sync for both questions; with nothing blocked (no padding, not causal) neither mask pass runs
+    any_blocked, row_blocked = torch.stack([blocked.any(), blocked.all(-1).any()]).tolist()
+    if any_blocked:
+        scores = scores.masked_fill(blocked, float("-inf"))
     n_src = scores.shape[-1]
     if scores.device.type == "cpu" and n_src < _SOFTMAX_MIN_ROW:
         padded = F.pad(scores, (0, _SOFTMAX_MIN_ROW - n_src), value=float("-inf"))
         pattern = torch.softmax(padded, dim=-1)[..., :n_src]
     else:
         pattern = torch.softmax(scores, dim=-1)
-    if bool(blocked.all(-1).any()):
+    if row_blocked:
         pattern = pattern.masked_fill(blocked, 0.0)
     return pattern
 
@@ -287,6 +290,16 @@ class NativeCache:
             buf = self.scratch[name] = torch.empty(n, dtype=like.dtype, device=like.device)
         return buf[:n].view(shape)
 
+    def head_major(self, name: str, layer: int) -> Tensor:
+        """Layer ``layer``'s keys (``"k_t"``: ``[batch, head, d_head, pos]``, ready to multiply queries by)
+        or values (``"v"``: ``[batch, head, pos, d_head]``), contiguous, made once per cache: the resumed
+        forwards multiply by them once per chunk of copies, and a strided operand is copied every time."""
+        key = (name, layer)
+        if key not in self.scratch:
+            t = self.k[layer].permute(0, 2, 3, 1) if name == "k_t" else self.v[layer].transpose(1, 2)
+            self.scratch[key] = t.contiguous()
+        return self.scratch[key]
+
     def at_read(self, name: str, layer: int) -> Tensor:
         """``[batch, ...]``: the cached activation at each example's read position."""
         t = getattr(self, name)[layer]
@@ -387,11 +400,11 @@ def attend_changed(ex: NativeExecutor, c: NativeCache, i: int, q: Float[Tensor, 
     ``blocked`` broadcasts to ``[batch, head, N, dest_pos, src_pos]``."""
     B, H, N, R, dh = q.shape
     ar = torch.arange(N, device=pos.device)
-    k_base, v_base = c.k[i].transpose(1, 2), c.v[i].transpose(1, 2)  # [B,H,P,dh]
-    scores = torch.matmul(q.reshape(B, H, N * R, dh), k_base.transpose(-1, -2)).view(B, H, N, R, -1)
+    k_base_t, v_base = c.head_major("k_t", i), c.head_major("v", i)  # [B,H,dh,P], [B,H,P,dh]
+    scores = torch.matmul(q.reshape(B, H, N * R, dh), k_base_t).view(B, H, N, R, -1)
     new_col = torch.matmul(q, k_new.permute(1, 2, 0, 3).unsqueeze(-1))[..., 0]  # [B,H,N,R]
     scores[:, :, ar, :, pos] = new_col.permute(2, 0, 1, 3)
-    pattern = masked_softmax(scores / ex.scale, blocked)
+    pattern = masked_softmax(scores.div_(ex.scale), blocked)
     weight_new = pattern[:, :, ar, :, pos].permute(1, 2, 0, 3)  # [B,H,N,R]
     pattern[:, :, ar, :, pos] = 0.0
     z = torch.matmul(pattern.reshape(B, H, N * R, -1), v_base).view(B, H, N, R, dh)
