@@ -136,7 +136,8 @@ def test_study_verdicts_targets_and_banner(tmp_path):
     # the debiased-teacher target shows each method's own ID and OOD gain, so its margin is visible
     import re
     target = next(t for t in s["targets"] if t["name"] == "debiased_teachers")
-    assert re.search(r"\[reweight: ID 0\.970, OOD gain \+0\.(2[89]|3[01])\d\]", target["message"]), target["message"]
+    assert re.search(r"\[reweight: ID 0\.970, OOD gain \+0\.(2[89]|3[01])\d, met on 3 of 3 seeds\]", target["message"]), \
+        target["message"]
 
     # Nothing learned the control task: the run still summarises, and says so loudly.
     bad = summarise(cfg, _grid(cfg, ood, control=0.52))
@@ -150,3 +151,59 @@ def test_study_verdicts_targets_and_banner(tmp_path):
     s1 = summarise(one, _grid(one, ood))
     assert {f["verdict"] for f in s1["findings"]} == {"inconclusive (1 seed)"}
     assert any("1 seed" in b for b in s1["banner"])
+
+
+def test_targets_count_the_seeds_each_one_holds_on_alone():
+    """A target met on the mean but missed by one seed is reported as thin, with that seed's numbers;
+    an accuracy on the line (float32 0.95) meets it."""
+    cfg = ExperimentCfg(methods=("reweight", "poe"), seeds=(0, 1, 2), alphas=(0.5,), fixes=(), n_boot=100,
+                        task_args={"n_train": 300, "n_id": 100, "n_ood": 2000})
+    ood = {("teacher", "none", None, None): 0.45, ("teacher", "reweight", None, None): 0.75,
+           ("teacher", "poe", None, None): 0.75}
+    rows = _grid(cfg, ood)
+    for r in rows:
+        if r["variant"] == "control" and r["role"] == "teacher":
+            r["id_acc"] = {0: 0.99, 1: 0.99, 2: 0.93}[r["seed"]]  # mean 0.97: met, but not by seed 2
+            r["ood_acc"] = float(np.float32(380 / 400))  # 0.9499999881: on the 0.95 line, so met
+        if r["variant"] == "teacher" and r["method"] == "poe" and r["seed"] == 1:
+            r["ood_acc"] = r["ood_acc"] - 0.25  # this seed's gain falls under +0.20; the mean's does not
+    s = summarise(cfg.replace(targets={"control_teacher_ood": 0.95}), rows)
+    by = {t["name"]: t for t in s["targets"]}
+    assert s["targets_met"] and not s["banner"]
+    ctl = by["control_teacher_id"]
+    assert (ctl["seeds_met"], ctl["n_seeds"]) == (2, 3) and ctl["per_seed"] == [0.99, 0.99, 0.93]
+    assert by["control_teacher_ood"]["ok"] and by["control_teacher_ood"]["seeds_met"] == 3
+    deb = by["debiased_teachers"]
+    assert deb["seeds_met_by_method"] == {"reweight": 3, "poe": 2}
+    assert len(deb["seed_misses"]["poe"]) == 1 and deb["seed_misses"]["poe"][0].startswith("seed 1: ID 0.970")
+    thin = s["thin_targets"]
+    assert len(thin) == 2, thin
+    assert "teacher control (no shortcut) ID 0.970 ≥ 0.95 on the mean, but on only 2 of 3 seeds alone " \
+           "(0.990, 0.990, 0.930)" in thin
+    assert any(line.startswith("debiased teacher poe reaches its lines on the mean over seeds but on only 2 of 3 "
+                               "seeds alone (seed 1: ID 0.970, OOD gain") for line in thin)
+    md = render_summary(cfg, s)
+    assert "| teacher control (no shortcut) ID ≥ 0.95 | 0.970 | yes | 2 of 3 |" in md
+    assert "**Thin:** teacher control (no shortcut) ID 0.970" in md and "⚠" not in md
+
+
+def test_thin_targets_reach_the_arms_table_and_the_report():
+    """The side-by-side table and the HTML notice carry the per-seed counts of a thin target."""
+    from circuitkd.run.arms import side_by_side
+    from circuitkd.run.report import thin_html
+
+    cfg = ExperimentCfg(methods=("reweight",), seeds=(0, 1), alphas=(0.5,), fixes=(), n_boot=100,
+                        task_args={"n_train": 300, "n_id": 100, "n_ood": 2000})
+    rows = _grid(cfg, {("teacher", "none", None, None): 0.45, ("teacher", "reweight", None, None): 0.75})
+    for r in rows:
+        if r["variant"] == "teacher" and r["method"] == "none":
+            r["id_acc"] = {0: 0.99, 1: 0.94}[r["seed"]]
+    s = summarise(cfg, rows)
+    arm = {"config": cfg.to_dict(), "results": rows, "summary": s}
+    md = "\n".join(side_by_side({"nli": arm}))
+    assert "| plain teacher ID | 0.965 (≥ 0.95); 1 of 2 seeds alone |" in md
+    assert "seeds met alone: reweight 2 of 2" in md
+    assert "**Thin (nli):** plain teacher ID 0.965 ≥ 0.95 on the mean, but on only 1 of 2 seeds alone (0.990, 0.940)." in md
+    page = thin_html({"summary": s}, "nli")
+    assert "class='thin'" in page and "of the nli arm met on the mean" in page and "(0.990, 0.940)" in page
+    assert thin_html({"summary": {**s, "thin_targets": []}}) == ""

@@ -83,13 +83,21 @@ def side_by_side(arms: dict[str, dict[str, Any]]) -> list[str]:
                 if t is None:
                     cells.append("–")
                 elif name == "debiased_teachers":
+                    by_seed = ", ".join(f"{m} {k} of {t['n_seeds_by_method'][m]}"
+                                        for m, k in t.get("seeds_met_by_method", {}).items())
                     cells.append(f"{t['value']} of {len(arms[a]['config']['methods'])} "
-                                 f"({', '.join(t.get('methods') or []) or 'none'}){'' if t['ok'] else ' **missed**'}")
+                                 f"({', '.join(t.get('methods') or []) or 'none'}){'' if t['ok'] else ' **missed**'}"
+                                 + (f"; seeds met alone: {by_seed}" if by_seed else ""))
                 else:
+                    thin = "seeds_met" in t and t["seeds_met"] < t["n_seeds"]
                     cells.append(f"{t['value']:.3f} ({'≤' if t['at_most'] else '≥'} {t['target']:.2f})"
-                                 f"{'' if t['ok'] else ' **missed**'}")
+                                 f"{'' if t['ok'] else ' **missed**'}"
+                                 + (f"; {t['seeds_met']} of {t['n_seeds']} seeds alone" if thin else ""))
             body.append([what, *cells])
         out += ["## Targets", "", _table(["target", *names], body), ""]
+        for a in names:
+            for line in arms[a]["summary"].get("thin_targets", []):
+                out += [f"**Thin ({a}):** {line}.", ""]
 
     findings: dict[str, dict[str, dict]] = {}
     titles: dict[str, str] = {}

@@ -46,6 +46,7 @@ nav a { margin-right: 1em; }
 a.see { font-size: 0.85em; white-space: nowrap; margin-left: .3em; }
 .figure h4 { margin: .6em 0 0; color: #444; }
 .banner { background: #fdecea; border: 2px solid #c44e52; padding: .6em 1em; margin: 1em 0; color: #8a1f1f; }
+.thin { background: #fff6e0; border: 2px solid #c98a12; padding: .6em 1em; margin: 1em 0; color: #6b4a05; }
 """
 
 
@@ -138,6 +139,16 @@ def banner_html(results: dict[str, Any]) -> str:
         return ""
     return ("<div class='banner'><b>⚠ The findings of this run are unreliable.</b><ul>" +
             "".join(f"<li>{html.escape(line)}</li>" for line in banner) + "</ul></div>")
+
+
+def thin_html(results: dict[str, Any], arm: str = "") -> str:
+    """A notice for every target met on the means over seeds but not on every seed alone; empty when none."""
+    thin = results.get("summary", {}).get("thin_targets", [])
+    if not thin:
+        return ""
+    where = f" of the {html.escape(arm)} arm" if arm else ""
+    return (f"<div class='thin'><b>Targets{where} met on the mean over seeds, not on every seed.</b><ul>" +
+            "".join(f"<li>{html.escape(line)}</li>" for line in thin) + "</ul></div>")
 
 
 def figure_anchor(name: str, kind: str, prefix: str = "") -> str:
@@ -237,6 +248,7 @@ def run_parts(run_dir: Path, prefix: str = "") -> list[str]:
              f"seeds {cfg['seeds']}; budgets: teachers {cfg['teacher_steps']} steps, students {cfg['student_steps']} "
              f"steps, batch {cfg['batch_size']}.</p>"]
     parts.append(banner_html(results))
+    parts.append(thin_html(results))
     p = prefix
     nav = [f"<a href='#{p}findings'>Findings</a>", f"<a href='#{p}robustness'>Robustness</a>"]
     if analysis:
@@ -313,6 +325,7 @@ def write_arms_report(out_dir: str | Path, *, out: Optional[str | Path] = None) 
         banner = banner_html(arms[a])
         if banner:
             parts.append(banner.replace("The findings of this run", f"The findings of the {html.escape(a)} arm"))
+        parts.append(thin_html(arms[a], a))
     parts.append(markdown_to_html("\n".join(side_by_side(arms))))
     for a, d in dirs.items():
         parts.append(f"<h2 id='arm-{a}'>Arm <code>{html.escape(a)}</code></h2>")
