@@ -100,6 +100,13 @@ def run_experiment(cfg: ExperimentCfg, out: str | Path, *, log: Callable[[str], 
     summary["wall_seconds"] = wall
     summary["train_seconds"] = sum(r["seconds"] for r in ordered if not r.get("skipped"))
     write_outputs(cfg, ordered, summary, out)
+    # The targets on the console too, where the run is watched: a miss loudly, a thin target plainly.
+    for line in summary.get("banner", []):
+        log(f"⚠ TARGET MISSED: {line}")
+    for line in summary.get("thin_targets", []):
+        log(f"thin target: {line}")
+    if summary.get("targets_met") and not summary.get("thin_targets"):
+        log(f"every target met on every seed ({len(summary.get('targets', []))} targets)")
     log(f"done in {wall:.0f}s: {out / 'summary.md'}")
     return summary
 
