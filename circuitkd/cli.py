@@ -160,6 +160,35 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seed_list(text: str) -> tuple[int, ...]:
+    """``"0,1,2"`` or ``"0-4"`` -> seeds; anything else is refused with the text it got."""
+    try:
+        if "-" in text.strip("-") and "," not in text:
+            lo, hi = (int(x) for x in text.split("-"))
+            seeds = tuple(range(lo, hi + 1))
+        else:
+            seeds = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds must be like 0,1,2 or 0-4, got {text!r}") from None
+    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"seeds must be distinct non-negative integers, got {text!r}")
+    return seeds
+
+
+def _targets_cmd(args: argparse.Namespace) -> int:
+    from circuitkd.run.plan import arm_config_path, load_config
+    from circuitkd.run.targets import TARGETS_MD, check_targets
+
+    if args.config is not None and args.arm is not None:
+        raise CircuitKDError(f"--arm {args.arm} picks a shipped config; --config {args.config} checks that config: "
+                             "give one of them")
+    cfg = load_config(args.config or arm_config_path(args.arm or "nli"), seeds=args.seeds, workers=args.workers,
+                      device=args.device)
+    result = check_targets(cfg, args.out, log=_log)
+    print(Path(args.out) / TARGETS_MD)
+    return 0 if result["targets_met"] else 1
+
+
 def _run_one(cfg, out: Path, *, analyse: bool) -> None:
     """One config's grid, then (with ``analyse``) its analysis stage and report, into the run folder ``out``."""
     from circuitkd.run.tasks import load_task
@@ -370,6 +399,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--gpus-per-job", type=_number(float, 0),
                      help="GPUs per Ray job; above 1 the job trains under torchrun DDP (overrides the config)")
     run.add_argument("--no-analysis", action="store_true", help="stop after training and evaluation")
+
+    tg = command("targets", "check a config's accuracy targets seed by seed, training only the models they name",
+                 _targets_cmd,
+                 "Train (or find, in a folder of the same config) the two controls, the plain teacher and each "
+                 "debiased teacher for the seeds given, and check every accuracy target on the mean over seeds and "
+                 "on each seed alone; writes OUT/targets.md and OUT/targets.json. Exit status 1 when a target is "
+                 "missed on the mean.")
+    tg.add_argument("--config", help="experiment config (default: the arm's shipped config)")
+    tg.add_argument("--arm", choices=("nli", "vision"), help="the study's arm whose config to check (default: nli)")
+    tg.add_argument("--seeds", required=True, type=_seed_list, help="seeds, e.g. 0,1,2,3,4 or 0-4")
+    tg.add_argument("--out", required=True, help="folder for the models and targets.md: new, or a run folder of the "
+                                                 "same config whatever its seeds (its models are reused)")
+    tg.add_argument("--workers", type=_COUNT, help="parallel training processes (overrides the config)")
+    tg.add_argument("--device", help="'auto', 'cpu' or 'cuda' (overrides the config)")
 
     def training(p: argparse.ArgumentParser) -> None:
         p.add_argument("--preset", default="teacher", help="model size preset (teacher, student, assistant, tiny, ...)")

@@ -25,6 +25,39 @@ def run_experiment(cfg: ExperimentCfg, out: str | Path, *, log: Callable[[str], 
     """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     out = Path(out)
+    prepare_folder(cfg, out)
+    jobs = plan(cfg)
+    t0 = time.perf_counter()
+    log(f"circuitkd run {cfg.name!r}: {len(jobs)} models, {len(cfg.seeds)} seed(s), {_where(cfg)} -> {out}")
+    rows = run_jobs(cfg, jobs, out, log)
+    wall = time.perf_counter() - t0
+    ordered = [rows[j.id] for j in jobs]
+    summary = summarise(cfg, ordered)
+    summary["wall_seconds"] = wall
+    summary["train_seconds"] = sum(r["seconds"] for r in ordered if not r.get("skipped"))
+    write_outputs(cfg, ordered, summary, out)
+    log_targets(summary["banner"], summary.get("thin_targets", []), len(summary["targets"]), log)
+    log(f"done in {wall:.0f}s: {out / 'summary.md'}")
+    return summary
+
+
+def log_targets(banner: list[str], thin: list[str], n_targets: int, log: Callable[[str], None]) -> None:
+    """The run's warnings on the console, where it is watched: each banner line (a missed target, too
+    few seeds) loudly, each thin target plainly, or that all ``n_targets`` held on every seed."""
+    for line in banner:
+        log(f"⚠ UNRELIABLE: {line}")
+    for line in thin:
+        log(f"thin target: {line}")
+    if n_targets and not banner and not thin:
+        log(f"every target met on every seed ({n_targets} targets)")
+
+
+def prepare_folder(cfg: ExperimentCfg, out: Path, *, any_seeds: bool = False) -> None:
+    """Check that the task and every model spec of ``cfg`` fit, then make ``out`` (or check that the run
+    it holds has the same config) and write ``config.json``; nothing is touched when a check fails.
+
+    With ``any_seeds`` a folder whose config differs in its seeds only is accepted and its
+    ``config.json`` kept (a model's job, and so its folder, names its seed)."""
     # A bad task (a shortcut strength outside [0, 1], a cue that does not fit) or a pretrained model that
     # cannot read it fails here, before the folder is touched or anything is trained.
     from circuitkd.models.build import check_spec_reads
@@ -36,13 +69,20 @@ def run_experiment(cfg: ExperimentCfg, out: str | Path, *, log: Callable[[str], 
     cfg_path = out / "config.json"
     if cfg_path.exists():
         # Where the jobs run (EXECUTION_FIELDS) is not what they compute: any executor may resume a run.
-        computed = lambda d: {k: v for k, v in d.items() if k not in EXECUTION_FIELDS}  # noqa: E731
+        skip = set(EXECUTION_FIELDS) | ({"seeds"} if any_seeds else set())
+        computed = lambda d: {k: v for k, v in d.items() if k not in skip}  # noqa: E731
         if computed(json.loads(cfg_path.read_text())) != computed(json.loads(cfg.to_json())):
             raise CircuitKDError(
                 f"{out} holds a run with a different config; choose another --out folder or delete it"
             )
+        if any_seeds:
+            return
     cfg.to_json(cfg_path)
-    jobs = plan(cfg)
+
+
+def run_jobs(cfg: ExperimentCfg, jobs: list[Job], out: Path, log: Callable[[str], None]) -> dict[str, dict]:
+    """Train (or find finished) every job of ``jobs`` into ``out/models``, in dependency order, on the
+    config's executor; returns each job's result row by id."""
     t0 = time.perf_counter()
     rows: dict[str, dict] = {}
     n = len(jobs)
@@ -52,7 +92,6 @@ def run_experiment(cfg: ExperimentCfg, out: str | Path, *, log: Callable[[str], 
         log(f"[{len(rows)}/{n}] {row['id']:<28} ood {row['ood_acc']:.3f}  worst-group "
             f"{row['worst_group_acc']:.3f}  ({what}; {time.perf_counter() - t0:.0f}s elapsed)")
 
-    log(f"circuitkd run {cfg.name!r}: {n} models, {len(cfg.seeds)} seed(s), {_where(cfg)} -> {out}")
     if cfg.executor == "ray":
         from circuitkd.run.executors import run_grid
 
@@ -94,21 +133,7 @@ def run_experiment(cfg: ExperimentCfg, out: str | Path, *, log: Callable[[str], 
                     job = running.pop(fut)
                     rows[job.id] = fut.result()
                     report(rows[job.id])
-    wall = time.perf_counter() - t0
-    ordered = [rows[j.id] for j in jobs]
-    summary = summarise(cfg, ordered)
-    summary["wall_seconds"] = wall
-    summary["train_seconds"] = sum(r["seconds"] for r in ordered if not r.get("skipped"))
-    write_outputs(cfg, ordered, summary, out)
-    # The targets on the console too, where the run is watched: a miss loudly, a thin target plainly.
-    for line in summary.get("banner", []):
-        log(f"⚠ TARGET MISSED: {line}")
-    for line in summary.get("thin_targets", []):
-        log(f"thin target: {line}")
-    if summary.get("targets_met") and not summary.get("thin_targets"):
-        log(f"every target met on every seed ({len(summary.get('targets', []))} targets)")
-    log(f"done in {wall:.0f}s: {out / 'summary.md'}")
-    return summary
+    return rows
 
 
 def add_mechanism_finding(run_dir: str | Path, finding: dict[str, Any]) -> None:
