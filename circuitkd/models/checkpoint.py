@@ -29,13 +29,24 @@ TOKENIZER = "tokenizer.json"
 MANIFEST = "manifest.json"
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_dir(path: str | Path, write) -> Path:
-    """Call ``write(tmp_dir)`` then move ``tmp_dir`` to ``path``, replacing it only on success."""
+    """Call ``write(tmp_dir)`` then move ``tmp_dir`` to ``path``, replacing it only on success.
+
+    The folder gets the permissions a plain ``mkdir`` would (``tempfile`` makes it owner-only), so a
+    run folder on a shared machine is as readable as the user's other files."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         write(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())
         old = None
         if path.exists():
             old = path.parent / f".{path.name}.old-{os.getpid()}"
@@ -52,11 +63,13 @@ def atomic_write_dir(path: str | Path, write) -> Path:
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    """Write ``text`` to ``path`` through a temporary file and a rename, with the permissions a plain
+    ``open(path, "w")`` would give it (``tempfile`` makes it owner-only)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
         os.replace(tmp, path)

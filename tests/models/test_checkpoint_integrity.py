@@ -79,3 +79,24 @@ def test_checkpoint_folder_holding_another_architecture(saved):
     with pytest.raises(CircuitKDError, match=r"holds a different model \(d_model: stored 32, wanted 64"):
         load_checkpoint(path, expect=SPEC.replace(d_model=64))
     load_checkpoint(path, expect=SPEC.replace(n_classes=None, seed=7))  # sizes left open match anything
+
+
+def test_atomic_writes_get_the_permissions_of_a_plain_write(tmp_path):
+    """Run folders are shared: a file or model folder written through a temporary one gets what
+    ``open``/``mkdir`` would give it under the umask, not tempfile's owner-only 0600/0700."""
+    import os
+    import stat
+
+    from circuitkd.models.checkpoint import atomic_write_dir, atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        f = atomic_write_text(tmp_path / "summary.md", "x")
+        d = atomic_write_dir(tmp_path / "model", lambda tmp: (tmp / "w.txt").write_text("y"))
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644
+        assert stat.S_IMODE(d.stat().st_mode) == 0o755
+        os.umask(0o077)
+        g = atomic_write_text(tmp_path / "private.md", "z")
+        assert stat.S_IMODE(g.stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
