@@ -79,8 +79,8 @@ def _each(rule: Rule, kind: type) -> Rule:
 #: Where ``circuitkd run`` runs its jobs (see :mod:`circuitkd.run.executors`).
 EXECUTORS = ("local", "ray")
 #: ExperimentCfg fields that say where a run's jobs execute, not what they compute: a run folder
-#: started under one executor resumes under another.
-EXECUTION_FIELDS = ("executor", "ray_address", "cpus_per_job", "gpus_per_job", "job_retries")
+#: started under one executor, or with another number of local worker processes, resumes under another.
+EXECUTION_FIELDS = ("executor", "ray_address", "cpus_per_job", "gpus_per_job", "job_retries", "workers")
 
 
 def _ray_address_ok(value: str) -> bool:

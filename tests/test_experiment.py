@@ -121,8 +121,12 @@ def test_quick_preset_runs_resumes_and_cli(tmp_path, capsys):
     trained = [line for line in logs if line.startswith("[") and "cached" not in line]
     assert len(trained) == 1 and "student-init-group_dro-s0" in trained[0]
 
-    # The CLI on the same folder: everything cached; a different config is refused.
+    # The CLI on the same folder: everything cached, whatever the number of worker processes (where jobs
+    # run, not what they compute); a config that computes something else is refused.
     assert main(["run", "--arm", "nli", "--quick", "--out", str(out), "--workers", "1", "--device", "cpu"]) == 0
     assert str(out) in capsys.readouterr().out
-    assert main(["run", "--arm", "nli", "--quick", "--out", str(out), "--workers", "2", "--device", "cpu"]) == 2
+    logs.clear()
+    run_experiment(cfg.replace(workers=2), out, log=logs.append)
+    assert all("cached" in line for line in logs if line.startswith("["))
+    assert main(["run", "--arm", "nli", "--quick", "--out", str(out), "--workers", "2", "--device", "cuda"]) == 2
     assert "different config" in capsys.readouterr().err

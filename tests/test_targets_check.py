@@ -50,7 +50,9 @@ def test_targets_reuse_a_run_folder_and_count_seeds(quick_run, tmp_path, capsys)
     assert saved["seeds"] == [0, 1] and saved["targets_met"] == result["targets_met"]
     # the quick run's tiny models miss their targets: the console says so and the command fails
     assert not result["targets_met"] and any(line.startswith("⚠ UNRELIABLE: ") for line in logs)
-    status = main(["targets", "--seeds", "0-1", "--out", str(run), "--config", str(run / "config.json")])
+    # another number of worker processes computes the same models: the folder is still this run's
+    status = main(["targets", "--seeds", "0-1", "--out", str(run), "--config", str(run / "config.json"),
+                   "--workers", "1"])
     captured = capsys.readouterr()
     assert status == 1 and captured.out.strip().endswith("targets.md"), captured.err[-2000:]
 
