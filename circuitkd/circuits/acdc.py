@@ -114,7 +114,7 @@ class _Evaluator:
             logits = self.runners[i].logits(w.to(bv.replacement.device), self.read_pos[i], cache=self.caches[i],
                                             reader=int(cell[1]))
             total += self._criterion(logits, bv, K, self.clean_read[i])
-        self.forwards += 1
+            self.forwards += 1  # one batched run per batch of pairs, as :meth:`__call__` counts
         return total / self.n
 
     def commit(self, picks: list[tuple[int, bool]]) -> None:

@@ -65,6 +65,25 @@ def test_acdc_sweep_equals_one_acdc_run_per_threshold(kind, criterion):
     assert sweep[0].info["forwards"] == int(g.valid.sum()) + 1
 
 
+def test_acdc_counts_one_forward_per_batch_of_pairs():
+    """``info["forwards"]`` counts batched runs: with the pairs in two batches, twice as many, in the
+    sweep (whose head candidates take the cached path) as in one plain ACDC run."""
+    from .conftest import build
+
+    model = build("native")
+    pairs = text_pairs()
+    half = (len(pairs) + 1) // 2
+    g = C.ComponentGraph.from_model(model)
+    one = C.acdc_sweep(model, pairs, metric=C.logit_diff, graph=g, thresholds=[1e-2], criterion="metric")
+    two = C.acdc_sweep(model, pairs, metric=C.logit_diff, graph=g, thresholds=[1e-2], criterion="metric",
+                       batch_size=half)
+    assert one[0].info["forwards"] == int(g.valid.sum()) + 1
+    assert two[0].info["forwards"] == 2 * one[0].info["forwards"]
+    plain = C.acdc(model, pairs, metric=C.logit_diff, graph=g, threshold=1e-2, criterion="metric", batch_size=half,
+                   candidates_per_forward=1)
+    assert plain.info["forwards"] == two[0].info["forwards"]
+
+
 def test_acdc_sweep_refuses_bad_input():
     from circuitkd.errors import CircuitKDError
     from .conftest import build
