@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from circuitkd.errors import CircuitKDError
+from circuitkd.run.summary import _seeds_met, _table
 
 SUMMARY = "summary.md"
 
@@ -44,11 +45,6 @@ def _value(values: list, scale: float = 100.0) -> str:
     if not vals:
         return "–"
     return f"{scale * sum(vals) / len(vals):.1f}"
-
-
-def _table(header: list[str], body: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body])
 
 
 def side_by_side(arms: dict[str, dict[str, Any]]) -> list[str]:
@@ -83,16 +79,15 @@ def side_by_side(arms: dict[str, dict[str, Any]]) -> list[str]:
                 if t is None:
                     cells.append("–")
                 elif name == "debiased_teachers":
-                    by_seed = ", ".join(f"{m} {k} of {t['n_seeds_by_method'][m]}"
-                                        for m, k in t.get("seeds_met_by_method", {}).items())
+                    by_seed = _seeds_met(t)
                     cells.append(f"{t['value']} of {len(arms[a]['config']['methods'])} "
                                  f"({', '.join(t.get('methods') or []) or 'none'}){'' if t['ok'] else ' **missed**'}"
-                                 + (f"; seeds met alone: {by_seed}" if by_seed else ""))
+                                 + (f"; seeds met alone: {by_seed}" if by_seed != "–" else ""))
                 else:
                     thin = "seeds_met" in t and t["seeds_met"] < t["n_seeds"]
                     cells.append(f"{t['value']:.3f} ({'≤' if t['at_most'] else '≥'} {t['target']:.2f})"
                                  f"{'' if t['ok'] else ' **missed**'}"
-                                 + (f"; {t['seeds_met']} of {t['n_seeds']} seeds alone" if thin else ""))
+                                 + (f"; {_seeds_met(t)} seeds alone" if thin else ""))
             body.append([what, *cells])
         out += ["## Targets", "", _table(["target", *names], body), ""]
         for a in names:

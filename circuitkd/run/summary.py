@@ -275,7 +275,7 @@ def summarise(cfg: ExperimentCfg, rows: list[dict]) -> dict[str, Any]:
 
     budget = _budget_sweep(cfg, grid)
     targets = _targets(cfg, grid)
-    banner = [t["message"] for t in targets if not t["ok"]]
+    banner = _missed(targets)
     thin = _thin_targets(targets)
     if n_seeds < 2:
         banner.append(f"only {n_seeds} seed: every verdict is inconclusive (1 seed); run two or more")
@@ -374,6 +374,11 @@ def _targets(cfg: ExperimentCfg, grid: _Grid) -> list[dict[str, Any]]:
                                 f"need {need}" + ("" if ok else ": findings below are unreliable")
                                 + f" [{margins}]")})
     return out
+
+
+def _missed(targets: list[dict[str, Any]]) -> list[str]:
+    """The message of every target missed on the means over seeds (the run's banner lines)."""
+    return [t["message"] for t in targets if not t["ok"]]
 
 
 #: Slack when a value is compared with its target line: float32 rounding of an accuracy on the line.

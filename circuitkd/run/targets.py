@@ -19,7 +19,7 @@ from circuitkd.config import ExperimentCfg
 from circuitkd.errors import CircuitKDError
 from circuitkd.run.plan import Job, plan
 from circuitkd.run.runner import log_targets, prepare_folder, run_jobs
-from circuitkd.run.summary import _Grid, _table, _targets, _thin_targets
+from circuitkd.run.summary import _Grid, _missed, _seeds_met, _table, _targets, _thin_targets
 from circuitkd.run.tasks import control_task_args
 
 TARGETS_MD, TARGETS_JSON = "targets.md", "targets.json"
@@ -57,7 +57,7 @@ def check_targets(cfg: ExperimentCfg, out: str | Path, *, log: Optional[Callable
 
     atomic_write_text(out / TARGETS_JSON, json.dumps(result, indent=2, default=str))
     atomic_write_text(out / TARGETS_MD, render_targets(cfg, result))
-    log_targets([t["message"] for t in targets if not t["ok"]], result["thin_targets"], len(targets), log)
+    log_targets(_missed(targets), result["thin_targets"], len(targets), log)
     log(f"done in {result['wall_seconds']:.0f}s: {out / TARGETS_MD}")
     return result
 
@@ -68,14 +68,13 @@ def render_targets(cfg: ExperimentCfg, result: dict[str, Any]) -> str:
     body = []
     for t in result["targets"]:
         if t["name"] == "debiased_teachers":
-            per = ", ".join(f"{m} {t['seeds_met_by_method'][m]} of {t['n_seeds_by_method'][m]}"
-                            for m in t["seeds_met_by_method"])
+            per = _seeds_met(t)
             body.append(["debiased teachers", f"{t['value']} of {len(cfg.methods)} (need {t['target']})",
                          "yes" if t["ok"] else "**no**", t["message"].split(" [", 1)[-1].rstrip("]"), per])
         else:
             line = f"{t['what']} {'≤' if t['at_most'] else '≥'} {t['target']:.2f}"
             body.append([line, f"{t['value']:.3f}", "yes" if t["ok"] else "**no**",
-                         ", ".join(f"{v:.3f}" for v in t["per_seed"]), f"{t['seeds_met']} of {t['n_seeds']}"])
+                         ", ".join(f"{v:.3f}" for v in t["per_seed"]), _seeds_met(t)])
     out = [f"# circuitkd targets: config `{cfg.name}`, seeds {seeds}", "",
            "The models the targets name, trained for these seeds; each target on the mean over seeds (what a "
            "run's banner checks) and on every seed alone.", "",
